@@ -1,0 +1,1 @@
+"""Score-based generative models in continuous time, in JAX/Flax (filled in as modules land)."""

@@ -1,0 +1,94 @@
+"""Checkpoints of the training state with orbax: async saves, keep-last-N, resume, preemption.
+
+The whole training state (step, params, EMA params, optimizer state) is one pytree saved under
+`<workdir>/checkpoints/<step>/`. The data position and the random noise of every step are
+functions of the step (see `diffusion.datasets.batch_at` and `diffusion.train`), so the step is
+all a resumed run needs to continue exactly where the saved one stopped.
+
+Orbax writes each checkpoint into a temporary folder and renames it when complete, so a run that
+dies mid-save never leaves a half-written checkpoint in place of a good one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint in the workdir exists but cannot be restored."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def make_manager(workdir: str, *, max_to_keep: int | None = 3, async_save: bool = True,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+    """A CheckpointManager for `<workdir>/checkpoints` that keeps the last `max_to_keep` steps."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+        create=not read_only, read_only=read_only)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state) -> None:
+    """Starts saving `state` at `step` (returns before the write completes if async)."""
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
+    """Restores the checkpoint at `step` (default: the latest) onto `abstract_state`'s structure.
+
+    `abstract_state` is a pytree of arrays or `jax.ShapeDtypeStruct`s (with shardings) that gives
+    the tree structure, shapes, dtypes and placement. Returns None if there is no checkpoint.
+    Raises CheckpointError with the path and what to do if the checkpoint cannot be read.
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        return None
+    path = os.path.join(str(manager.directory), str(step))
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # orbax raises many types (ValueError, KeyError, OSError, ...)
+        steps = sorted(manager.all_steps())
+        raise CheckpointError(
+            f"Cannot restore the checkpoint {path} ({type(e).__name__}: {str(e)[:300]}). It is "
+            f"corrupted or was written by a different model/optimizer config. Checkpoints in this "
+            f"workdir: steps {steps}. Move {path} out of the way to resume from the previous one, "
+            f"or use a fresh --workdir.") from e
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM (and optionally SIGINT) into a flag the training loop polls once a step.
+
+    The loop then saves a checkpoint at the current step and exits cleanly; the previous handlers
+    are put back by `close()`. Signals can only be caught on the main thread, so elsewhere this
+    watches nothing.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self._event = threading.Event()
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        print(f"Received signal {signum}: saving a checkpoint and stopping.", flush=True)
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

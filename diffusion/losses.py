@@ -1,0 +1,146 @@
+"""Training objectives: continuous denoising score matching and the discrete DDPM / SMLD losses.
+
+Every loss is built by a `make_*_loss` factory from the SDE and a score model
+`score_model(params, x, t, *, y=None, train=False, rng=None) -> score` (see
+`diffusion.models.parameterization.make_score_model`) and has one signature:
+
+    loss_fn(params, batch, key) -> per-example losses (B,)
+
+with batch = {"x": (B, ...) data, "label": (B,) ints} and key a (B,) array of per-example PRNG
+keys: the noise level and the noise an example gets depend only on its key, never on how the
+batch is split over devices (dropout, drawn for the whole batch, is the one exception). A single
+key is also accepted and split per example. The caller reduces over the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from diffusion.sde import SDE, VESDE, batch_broadcast
+
+Array = jax.Array
+LossFn = Callable[[dict, dict, Array], Array]
+
+
+def _per_example_keys(key: Array, batch_size: int) -> Array:
+    """Accepts a single key or a (B,) batch of keys; returns (B,) keys."""
+    if jnp.ndim(key) == (1 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 2):
+        return key
+    return jax.random.split(key, batch_size)
+
+
+def _reduce(sq: Array, reduce_mean: bool) -> Array:
+    """Per-example reduction over non-batch dims: mean, or 1/2 sum as in score_sde."""
+    axes = tuple(range(1, sq.ndim))
+    return jnp.mean(sq, axis=axes) if reduce_mean else 0.5 * jnp.sum(sq, axis=axes)
+
+
+def _draw(key: Array, x0: Array) -> tuple[Array, Array, Array]:
+    """Per-example noise z ~ N(0, I) like x0 and u ~ U[0, 1) (B,), plus one dropout key.
+
+    Each example's (z, u) comes from its own key, so it does not depend on the batch layout.
+    """
+    keys = _per_example_keys(key, x0.shape[0])
+
+    def draw(k):
+        k_z, k_u = jax.random.split(k)
+        return jax.random.normal(k_z, x0.shape[1:], x0.dtype), jax.random.uniform(k_u)
+
+    z, u = jax.vmap(draw)(keys)
+    return z, u, jax.random.fold_in(keys[0], 1)
+
+
+def make_dsm_loss(sde: SDE, score_model: Callable, *, reduce_mean: bool = True,
+                  likelihood_weighting: bool = False, eps: float = 1e-5) -> LossFn:
+    """Continuous denoising score matching (Song et al. 2021, eq. 7).
+
+    t ~ U(eps, T), x_t = alpha(t) x_0 + sigma(t) z, and the per-example loss is
+      lambda(t) || s(x_t, t) + z / sigma(t) ||^2, reduced over dimensions,
+    with lambda(t) = sigma(t)^2 (the default: the loss is || sigma s + z ||^2, the epsilon-MSE)
+    or lambda(t) = g(t)^2 (`likelihood_weighting`, Song et al. 2021b, which bounds the NLL).
+    `reduce_mean` takes the mean over dimensions, else half the sum (score_sde's convention).
+    """
+
+    def loss_fn(params, batch, key):
+        x0 = batch["x"]
+        z, u, dropout_rng = _draw(key, x0)
+        t = eps + u * (sde.T - eps)
+        mean, std = sde.marginal_prob(x0, t)
+        xt = mean + batch_broadcast(std, x0) * z
+        score = score_model(params, xt, t, y=batch.get("label"), train=True,
+                            rng=dropout_rng)
+        if likelihood_weighting:
+            g2 = sde.sde(jnp.zeros_like(x0), t)[1] ** 2
+            return _reduce((score + z / batch_broadcast(std, x0)) ** 2, reduce_mean) * g2
+        return _reduce((batch_broadcast(std, x0) * score + z) ** 2, reduce_mean)
+
+    return loss_fn
+
+
+def make_ddpm_loss(sde: SDE, score_model: Callable, *, reduce_mean: bool = True) -> LossFn:
+    """The DDPM epsilon loss on the discrete chain of a VP-type SDE (Ho et al. 2020, eq. 14).
+
+    i ~ U{0, ..., N-1}, x_i = sqrt(bar-alpha_i) x_0 + sqrt(1 - bar-alpha_i) z, and the loss is
+    || eps_hat + z ||^2 with eps_hat = sqrt(1 - bar-alpha_i) s(x_i, t_i) the score's epsilon, at the
+    continuous time t_i = i T / (N - 1) that `sde.discretize` maps back to step i.
+    """
+    if not hasattr(sde, "alphas_cumprod"):
+        raise ValueError(f"The DDPM loss needs a VP-type SDE with a discrete chain; got "
+                         f"{type(sde).__name__}. Use config.sde.name='vpsde' or 'cosine_vpsde', "
+                         f"or training.continuous=True.")
+    alphas_cumprod = jnp.asarray(sde.alphas_cumprod, jnp.float32)
+
+    def loss_fn(params, batch, key):
+        x0 = batch["x"]
+        z, u, dropout_rng = _draw(key, x0)
+        i = jnp.minimum(jnp.floor(u * sde.N), sde.N - 1).astype(jnp.int32)
+        abar = alphas_cumprod[i]
+        std = jnp.sqrt(1.0 - abar)
+        xt = batch_broadcast(jnp.sqrt(abar), x0) * x0 + batch_broadcast(std, x0) * z
+        t = i.astype(x0.dtype) * sde.T / (sde.N - 1)
+        score = score_model(params, xt, t, y=batch.get("label"), train=True,
+                            rng=dropout_rng)
+        return _reduce((batch_broadcast(std, x0) * score + z) ** 2, reduce_mean)
+
+    return loss_fn
+
+
+def make_smld_loss(sde: SDE, score_model: Callable, *, reduce_mean: bool = False) -> LossFn:
+    """The SMLD / NCSN loss on VESDE's discrete noise levels (Song & Ermon 2019, eq. 5-6).
+
+    i ~ U{0, ..., N-1}, x = x_0 + sigma_i z, and the loss is sigma_i^2 || s(x, t_i) + z / sigma_i ||^2
+    (the lambda(sigma) = sigma^2 weighting), at t_i = i T / (N - 1) where sigma(t_i) = sigma_i.
+    """
+    if not isinstance(sde, VESDE):
+        raise ValueError(f"The SMLD loss is defined for the VE SDE; got {type(sde).__name__}. Use "
+                         f"config.sde.name='vesde' or training.continuous=True.")
+    sigmas = jnp.asarray(sde.discrete_sigmas, jnp.float32)
+
+    def loss_fn(params, batch, key):
+        x0 = batch["x"]
+        z, u, dropout_rng = _draw(key, x0)
+        i = jnp.minimum(jnp.floor(u * sde.N), sde.N - 1).astype(jnp.int32)
+        sigma = batch_broadcast(sigmas[i], x0)
+        t = i.astype(x0.dtype) * sde.T / (sde.N - 1)
+        score = score_model(params, x0 + sigma * z, t, y=batch.get("label"), train=True,
+                            rng=dropout_rng)
+        return _reduce((sigma * score + z) ** 2, reduce_mean)
+
+    return loss_fn
+
+
+def get_loss_fn(sde: SDE, score_model: Callable, *, continuous: bool = True,
+                reduce_mean: bool = True, likelihood_weighting: bool = False,
+                eps: float = 1e-5) -> LossFn:
+    """The loss score_sde would train with: DSM if `continuous`, else DDPM (VP) or SMLD (VE)."""
+    if continuous:
+        return make_dsm_loss(sde, score_model, reduce_mean=reduce_mean,
+                             likelihood_weighting=likelihood_weighting, eps=eps)
+    if likelihood_weighting:
+        raise ValueError("training.likelihood_weighting needs training.continuous=True.")
+    if isinstance(sde, VESDE):
+        return make_smld_loss(sde, score_model, reduce_mean=reduce_mean)
+    return make_ddpm_loss(sde, score_model, reduce_mean=reduce_mean)

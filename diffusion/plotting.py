@@ -1,0 +1,68 @@
+"""Pictures a person looks at: image grids of samples and scatter plots of 2-D samples."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+
+def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tiles images (N, H, W, C) with values in [0, 1] into one uint8 array (rows*H', cols*W', C)."""
+    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+    n, h, w, c = images.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    grid = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), np.float32)
+    for i, img in enumerate(images):
+        r, k = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = img
+    return np.round(grid * 255).astype(np.uint8)
+
+
+def save_image_grid(path: str, images: np.ndarray, ncol: int | None = None,
+                    min_size: int = 256) -> None:
+    """Writes images (N, H, W, C) in [0, 1] as one PNG, upscaled (nearest) to at least `min_size` px."""
+    from PIL import Image
+
+    grid = image_grid(images, ncol)
+    scale = max(1, math.ceil(min_size / max(grid.shape[:2])))
+    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+    mode = "L" if grid.shape[-1] == 1 else "RGB"
+    img = Image.fromarray(grid[..., 0] if mode == "L" else grid, mode=mode)
+    _atomic_write(path, lambda p: img.save(p, format="PNG"))
+
+
+def save_scatter(path: str, samples: np.ndarray, reference: np.ndarray | None = None,
+                 title: str = "") -> None:
+    """Scatter plot of 2-D samples (N, 2), with reference data beside them if given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("samples", samples)] + ([("data", reference)] if reference is not None else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5), squeeze=False)
+    pts = np.concatenate([p for _, p in panels])
+    lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
+    margin = 0.1 * (hi - lo)
+    for ax, (name, p) in zip(axes[0], panels, strict=True):
+        ax.scatter(p[:, 0], p[:, 1], s=1, alpha=0.4)
+        ax.set_title(f"{name} (n={len(p)})")
+        ax.set_xlim(lo[0] - margin[0], hi[0] + margin[0])
+        ax.set_ylim(lo[1] - margin[1], hi[1] + margin[1])
+        ax.set_aspect("equal")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def _atomic_write(path: str, write) -> None:
+    """Writes via a temporary file and renames, so a crash never leaves a truncated file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)

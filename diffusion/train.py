@@ -1,0 +1,528 @@
+"""Training, evaluation and sampling loops (the edge where configs become plain objects).
+
+Read top to bottom, in the order of flax's examples: the optimizer, the train state, one
+per-device train step, the step mapped over the device mesh with `jax.shard_map`, the sampler,
+then `evaluate`, `sample` and `train_and_evaluate`. Only `build` (and the three entry points that
+call it) read the config; everything below it takes plain arguments.
+
+Randomness: every example's noise in step s comes from fold_in(fold_in(key, s), example_index),
+so a run's result does not depend on the number of devices, on `n_jitted_steps`, or on whether it
+was interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from diffusion import checkpointing, datasets, losses, models, plotting
+from diffusion import sampling as sampling_lib
+from diffusion import sde as sde_lib
+from diffusion.models import parameterization
+
+DATA_AXIS = "data"
+
+
+# --------------------------------------------------------------------------- optimizer, state
+
+
+def create_optimizer(lr: float, warmup: int = 0, grad_clip: float = -1.0, beta1: float = 0.9,
+                     beta2: float = 0.999, eps: float = 1e-8,
+                     weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """Adam (or AdamW if weight_decay > 0) with linear warmup and global-norm gradient clipping.
+
+    score_sde's defaults: lr 2e-4, warmup 5000 steps, clip 1.0. grad_clip <= 0 disables clipping.
+    """
+    schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else lr
+    adam = (optax.adamw(schedule, beta1, beta2, eps, weight_decay=weight_decay) if weight_decay > 0
+            else optax.adam(schedule, beta1, beta2, eps))
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adam) if grad_clip > 0 else adam
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds. step counts optimizer updates done."""
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+def create_train_state(key: jax.Array, net, tx: optax.GradientTransformation,
+                       example_x: jax.Array, example_y: jax.Array | None = None) -> TrainState:
+    """Initialises the network on an example batch; EMA params start equal to params."""
+    t = jnp.ones((example_x.shape[0],), example_x.dtype)
+    params = net.init(key, example_x, t, y=example_y, train=False)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=tx.init(params))
+
+
+# --------------------------------------------------------------------------- the train step
+
+
+def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, ema_rate: float,
+                     axis_name: str = DATA_AXIS) -> Callable:
+    """The train step one device runs: `(state, batch, key) -> (state, metrics)`.
+
+    batch: {"x": (n_jitted_steps, b, ...), ...}, this device's b examples of each of
+    n_jitted_steps consecutive global batches; the loop over those steps is a `lax.scan`.
+    Gradients and metrics are averaged over `axis_name` with `lax.pmean`. The noise of example j
+    of this device in step s comes from fold_in(fold_in(key, s), axis_index * b + j).
+    Returns metrics {"loss", "grad_norm"}, each (n_jitted_steps,).
+    """
+
+    def device_step(state: TrainState, batch, key):
+        def one_step(state: TrainState, batch):
+            b = batch["x"].shape[0]
+            example_ids = jax.lax.axis_index(axis_name) * b + jnp.arange(b)
+            step_key = jax.random.fold_in(key, state.step)
+            keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(example_ids)
+
+            def mean_loss(params):
+                return jnp.mean(loss_fn(params, batch, keys))
+
+            loss, grads = jax.value_and_grad(mean_loss)(state.params)
+            loss, grads = jax.lax.pmean((loss, grads), axis_name)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ema_params = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p,
+                                      state.ema_params, params)
+            new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
+                                   opt_state=opt_state)
+            return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+        return jax.lax.scan(one_step, state, batch)
+
+    return device_step
+
+
+def make_train_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, ema_rate: float,
+                    mesh: Mesh) -> Callable:
+    """The device step mapped over `mesh` with `jax.shard_map` and jitted, donating the state.
+
+    `(state, batch, key) -> (state, metrics)`: state replicated, batch arrays
+    (n_jitted_steps, global_batch, ...) sharded over the mesh's data axis on dimension 1.
+    """
+    device_step = make_device_step(loss_fn, tx, ema_rate, DATA_AXIS)
+    mapped = jax.shard_map(device_step, mesh=mesh, in_specs=(P(), P(None, DATA_AXIS), P()),
+                           out_specs=(P(), P()))
+    return jax.jit(mapped, donate_argnums=(0,))
+
+
+def data_mesh() -> Mesh:
+    """A 1-D mesh over every device of every process, named DATA_AXIS."""
+    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+    """Process-local numpy arrays (n_jit, b_local, ...) -> global arrays sharded on dimension 1."""
+    sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- experiment set-up
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A config unpacked into the plain objects the loops use."""
+
+    sde: sde_lib.SDE
+    net: Any
+    score_model: Callable
+    loss_fn: losses.LossFn
+    tx: optax.GradientTransformation
+    dataset: datasets.Dataset
+    conditional: bool
+
+
+def build(config: ml_collections.ConfigDict) -> Experiment:
+    """Builds SDE, network, score model, loss, optimizer and dataset from `config`."""
+    _check_config(config)
+    sde = sde_lib.get_sde(config.sde.name, **config.sde)
+    net = models.get_model(config)
+    score_model = parameterization.make_score_model(
+        net, sde, parameterization=config.model.parameterization,
+        noise_input=config.model.noise_input, scale_input=config.model.scale_input)
+    loss_fn = losses.get_loss_fn(
+        sde, score_model, continuous=config.training.continuous,
+        reduce_mean=config.training.reduce_mean,
+        likelihood_weighting=config.training.likelihood_weighting, eps=config.training.eps)
+    o = config.optim
+    tx = create_optimizer(o.lr, o.warmup, o.grad_clip, o.beta1, o.beta2, o.eps, o.weight_decay)
+    dataset = datasets.get_dataset(config)
+    conditional = config.model.get("num_classes") is not None
+    return Experiment(sde, net, score_model, loss_fn, tx, dataset, conditional)
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+    """Fails early, with one message, on config values the loops cannot run with."""
+    t = config.training
+    n_jit = t.n_jitted_steps
+    problems = []
+    if n_jit < 1:
+        problems.append(f"training.n_jitted_steps must be >= 1, got {n_jit}")
+    for name in ("log_freq", "snapshot_freq", "eval_freq"):
+        if t[name] % max(n_jit, 1):
+            problems.append(f"training.{name}={t[name]} must be a multiple of "
+                            f"training.n_jitted_steps={n_jit}")
+    n_dev = jax.device_count()
+    if t.batch_size % n_dev:
+        problems.append(f"training.batch_size={t.batch_size} must be divisible by the number of "
+                        f"devices ({n_dev})")
+    if config.sampling.batch_size % n_dev:
+        problems.append(f"sampling.batch_size={config.sampling.batch_size} must be divisible by "
+                        f"the number of devices ({n_dev})")
+    if not 0.0 <= config.model.ema_rate < 1.0:
+        problems.append(f"model.ema_rate must be in [0, 1), got {config.model.ema_rate}")
+    if problems:
+        raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def _base_key(seed: int, purpose: str) -> jax.Array:
+    """A key per purpose ("init", "train", "sample", "eval") so streams never overlap."""
+    return jax.random.fold_in(jax.random.key(seed), sum(map(ord, purpose)) * 7919 + len(purpose))
+
+
+def _abstract_state(exp: Experiment, config, mesh: Mesh) -> TrainState:
+    """The train state's shapes and (replicated) shardings, without computing it."""
+    x = jnp.zeros((1, *exp.dataset.data_shape), jnp.float32)
+    y = jnp.zeros((1,), jnp.int32) if exp.conditional else None
+    shapes = jax.eval_shape(functools.partial(create_train_state, net=exp.net, tx=exp.tx,
+                                              example_x=x, example_y=y), _base_key(0, "init"))
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                        shapes)
+
+
+def _init_state(exp: Experiment, config, mesh: Mesh) -> TrainState:
+    x = jnp.zeros((1, *exp.dataset.data_shape), jnp.float32)
+    y = jnp.zeros((1,), jnp.int32) if exp.conditional else None
+    init = jax.jit(functools.partial(create_train_state, net=exp.net, tx=exp.tx, example_x=x,
+                                     example_y=y), out_shardings=NamedSharding(mesh, P()))
+    return init(_base_key(config.seed, "init"))
+
+
+def restore_or_init(exp: Experiment, config, workdir: str, manager, mesh: Mesh) -> TrainState:
+    """The latest checkpoint in `workdir` if there is one, else a freshly initialised state."""
+    abstract = _abstract_state(exp, config, mesh)
+    state = checkpointing.restore(manager, abstract)
+    return state if state is not None else _init_state(exp, config, mesh)
+
+
+def count_params(params) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+SAMPLERS = {"pc": sampling_lib.pc_sample}
+
+
+def make_sampler(exp: Experiment, sampling_config, batch_size: int, mesh: Mesh) -> Callable:
+    """A jitted `(params, key, y) -> (samples (batch_size, *data_shape), nfe)` on the mesh.
+
+    The batch is split over the mesh's devices; device i samples with fold_in(key, i).
+    """
+    s = sampling_config
+    if s.method not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {s.method!r}: config.sampling.method must be one of "
+                         f"{sorted(SAMPLERS)}.")
+    if s.method == "pc":
+        kwargs = dict(predictor=_none(s.predictor), corrector=_none(s.corrector), snr=s.snr,
+                      n_corrector_steps=s.n_steps_each, n_steps=s.steps or None, eps=s.eps,
+                      denoise=s.noise_removal)
+    n_dev = mesh.devices.size
+    local_shape = (batch_size // n_dev, *exp.dataset.data_shape)
+
+    def device_sample(params, key, y):
+        key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+        score_fn = parameterization.score_fn_from_model(exp.score_model, params, y=y)
+        x, nfe = SAMPLERS[s.method](key, exp.sde, score_fn, local_shape, **kwargs)
+        return x, jnp.asarray(nfe)
+
+    mapped = jax.shard_map(device_sample, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
+                           out_specs=(P(DATA_AXIS), P()))
+    return jax.jit(mapped)
+
+
+def _none(name):
+    """Config strings "none"/"" mean no predictor/corrector (score_sde's convention)."""
+    return None if name in (None, "", "none", "None") else name
+
+
+def _save_samples_png(path: str, samples: np.ndarray, exp: Experiment, centered: bool,
+                      title: str) -> None:
+    if exp.dataset.is_image:
+        plotting.save_image_grid(path, datasets.inverse_scaler(centered)(samples))
+    else:
+        ref = np.stack([exp.dataset.eval[i]["x"] for i in range(min(len(exp.dataset.eval), 5000))])
+        plotting.save_scatter(path, samples, ref[:, :2] if ref.shape[1] > 2 else ref, title=title)
+
+
+def draw_samples(exp: Experiment, config, params, mesh: Mesh, num: int, key: jax.Array
+                 ) -> tuple[np.ndarray, int]:
+    """`num` samples (num, *data_shape) in data space, in batches of sampling.batch_size."""
+    bs = config.sampling.batch_size
+    sampler = make_sampler(exp, config.sampling, bs, mesh)
+    label_sharding = NamedSharding(mesh, P(DATA_AXIS))
+    out, nfe = [], 0
+    for i in range(math.ceil(num / bs)):
+        k = jax.random.fold_in(key, i)
+        y = (jax.random.randint(jax.random.fold_in(k, 1), (bs,), 0, config.model.num_classes)
+             if exp.conditional else jnp.zeros((bs,), jnp.int32))
+        x, nfe = sampler(params, k, jax.device_put(y, label_sharding))
+        out.append(np.asarray(jax.device_get(x)))
+    return np.concatenate(out)[:num], int(nfe)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def eval_loss(exp: Experiment, config, params, num_batches: int, key: jax.Array) -> float:
+    """Mean loss of `params` (typically the EMA) on the eval split, over fixed noise."""
+    loss_fn = jax.jit(lambda p, b, k: jnp.mean(exp.loss_fn(p, b, k)))
+    bs = config.eval.batch_size
+    n = len(exp.dataset.eval)
+    num_batches = min(num_batches, max(1, n // bs))
+    total = 0.0
+    for i in range(num_batches):
+        batch = datasets.batch_at(exp.dataset, "eval", i, bs, seed=config.seed, train=False,
+                                  centered=config.data.centered,
+                                  uniform_dequantization=config.data.uniform_dequantization)
+        if not exp.conditional:
+            batch = {"x": batch["x"]}
+        total += float(loss_fn(params, batch, jax.random.fold_in(key, i)))
+    return total / num_batches
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Evaluates the latest checkpoint; appends one JSON line to `<workdir>/eval.jsonl`.
+
+    Reports the eval-split loss of the EMA parameters (the score-matching objective). Returns the
+    record written.
+    """
+    exp = build(config)
+    mesh = data_mesh()
+    manager = checkpointing.make_manager(workdir, read_only=True)
+    state = checkpointing.restore(manager, _abstract_state(exp, config, mesh))
+    if state is None:
+        raise FileNotFoundError(f"No checkpoint in {checkpointing.checkpoint_dir(workdir)}: train "
+                                f"first with --mode train --workdir {workdir}.")
+    step = int(state.step)
+    t0 = time.time()
+    record = {"step": step,
+              "eval_loss": eval_loss(exp, config, state.ema_params, config.eval.num_batches,
+                                     _base_key(config.seed, "eval")),
+              "eval_split_examples": len(exp.dataset.eval)}
+    record["seconds"] = round(time.time() - t0, 2)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    print(f"eval at step {step}: " + ", ".join(f"{k} {v}" for k, v in record.items()), flush=True)
+    return record
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Samples `sampling.num_samples` from the latest EMA checkpoint.
+
+    Writes `<workdir>/samples/step_<N>.npz` (array `samples` in data space, shaped like the data,
+    and `nfe`) and `step_<N>.png` next to it (an image grid, or a scatter plot for 2-D data).
+    Existing files are replaced only once the new samples are complete. Returns the .npz path.
+    """
+    exp = build(config)
+    mesh = data_mesh()
+    manager = checkpointing.make_manager(workdir, read_only=True)
+    state = checkpointing.restore(manager, _abstract_state(exp, config, mesh))
+    if state is None:
+        raise FileNotFoundError(f"No checkpoint in {checkpointing.checkpoint_dir(workdir)}: train "
+                                f"first with --mode train --workdir {workdir}.")
+    step = int(state.step)
+    t0 = time.time()
+    samples, nfe = draw_samples(exp, config, state.ema_params, mesh, config.sampling.num_samples,
+                                _base_key(config.seed, "sample"))
+    elapsed = time.time() - t0
+    if not np.all(np.isfinite(samples)):
+        raise FloatingPointError(f"Sampling produced non-finite values (step {step}, sampler "
+                                 f"{config.sampling.method}); nothing was written.")
+    path = os.path.join(workdir, "samples", f"step_{step}.npz")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, samples=samples, nfe=nfe)
+        os.replace(tmp, path)
+        _save_samples_png(path[:-4] + ".png", samples, exp, config.data.centered,
+                          f"step {step}, {config.sampling.method}, NFE {nfe}")
+    print(f"wrote {len(samples)} samples (NFE {nfe}, {elapsed:.1f} s) to {path} and "
+          f"{path[:-4]}.png", flush=True)
+    return path
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+def _itstime(step: int, every: int, last: int) -> bool:
+    """Whether a periodic action is due after `step` optimizer updates (always at the end)."""
+    return every > 0 and (step % every == 0 or step == last)
+
+
+class _Logger:
+    """Progress lines on stdout, scalars for TensorBoard and `<workdir>/train.jsonl`."""
+
+    def __init__(self, workdir: str, n_iters: int, batch_size: int, start_step: int):
+        self.active = jax.process_index() == 0
+        self.n_iters, self.batch_size = n_iters, batch_size
+        self.t0, self.step0 = time.time(), start_step
+        self.writer = None
+        if self.active:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+            self.jsonl = open(os.path.join(workdir, "train.jsonl"), "a")
+
+    def scalars(self, step: int, values: dict, echo: bool = True) -> None:
+        if not self.active:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        self.jsonl.flush()
+        if echo:
+            rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
+            eta = (self.n_iters - step) / rate if rate > 0 else float("nan")
+            extra = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
+            print(f"step {step}/{self.n_iters}  {extra}  {rate:.2f} steps/s  "
+                  f"{rate * self.batch_size:.0f} ex/s  ETA {_hms(eta)}", flush=True)
+
+    def close(self) -> None:
+        if self.active:
+            self.writer.close()
+            self.jsonl.close()
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains from the latest checkpoint in `workdir` (or from scratch) up to training.n_iters.
+
+    Prints a progress line every `log_freq` steps; every `snapshot_freq` steps (and at the end)
+    saves a checkpoint and, if `training.snapshot_sampling`, a sample grid
+    `<workdir>/samples/train_step_<N>.png`; every `eval_freq` steps logs the EMA eval loss.
+    SIGTERM saves a checkpoint at the current step and returns. A non-finite loss raises
+    FloatingPointError and saves nothing. Returns the final train state.
+    """
+    exp = build(config)
+    t = config.training
+    mesh = data_mesh()
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    manager = checkpointing.make_manager(workdir, max_to_keep=t.keep_checkpoints)
+    state = restore_or_init(exp, config, workdir, manager, mesh)
+    start = int(state.step)
+    n_params = count_params(state.params)
+    print(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
+          f"({jax.devices()[0].platform}); model {config.model.name}: {n_params:,} parameters; "
+          f"SDE {config.sde.name}; data {config.data.dataset} {exp.dataset.data_shape}; "
+          f"{'resuming from step ' + str(start) if start else 'starting from scratch'}", flush=True)
+    if start >= t.n_iters:
+        print(f"Nothing to do: checkpoint step {start} >= training.n_iters {t.n_iters}.")
+        manager.close()
+        return state
+
+    n_jit = t.n_jitted_steps
+    train_step = make_train_step(exp.loss_fn, exp.tx, config.model.ema_rate, mesh)
+    train_key = _base_key(config.seed, "train")
+    data_kwargs = dict(seed=config.seed, process_index=jax.process_index(),
+                       process_count=jax.process_count(), train=True,
+                       centered=config.data.centered,
+                       uniform_dequantization=config.data.uniform_dequantization,
+                       random_flip=config.data.random_flip)
+    keep = ("x", "label") if exp.conditional else ("x",)
+    logger = _Logger(workdir, t.n_iters, t.batch_size, start)
+    watcher = checkpointing.PreemptionWatcher()
+    iterator = datasets.BatchIterator(exp.dataset, "train", start, t.batch_size, **data_kwargs)
+
+    def next_batches():
+        group = [next(iterator) for _ in range(n_jit)]
+        return put_batch({k: np.stack([g[k] for g in group]) for k in keep}, mesh)
+
+    def check(metrics, first: int, last: int) -> dict:
+        metrics = jax.device_get(metrics)
+        if not np.all(np.isfinite(metrics["loss"])):
+            raise FloatingPointError(
+                f"Non-finite loss {metrics['loss']} in steps {first + 1}-{last}; the state was not "
+                f"saved (last checkpoint: step {manager.latest_step()}). Lower optim.lr, check "
+                f"optim.grad_clip and the data, then rerun to resume from that checkpoint.")
+        return {k: float(np.mean(v)) for k, v in metrics.items()}
+
+    def snapshot(state, step):
+        checkpointing.save(manager, step, state)
+        if t.snapshot_sampling and jax.process_index() == 0:
+            samples, nfe = draw_samples(exp, config, state.ema_params, mesh,
+                                        config.sampling.batch_size,
+                                        _base_key(config.seed, "snapshot"))
+            _save_samples_png(os.path.join(workdir, "samples", f"train_step_{step}.png"),
+                              samples, exp, config.data.centered, f"step {step}, NFE {nfe}")
+
+    step, pending = start, None
+    try:
+        batch = next_batches()
+        while step < t.n_iters:
+            state, metrics = train_step(state, batch, train_key)
+            first, step = step, step + n_jit
+            if step < t.n_iters:
+                batch = next_batches()  # overlaps with the step running on the device
+            if pending is not None:
+                values = check(*pending)
+                if _itstime(pending[2], t.log_freq, t.n_iters):
+                    logger.scalars(pending[2], values)
+            pending = (metrics, first, step)
+            preempted = watcher.requested
+            if _itstime(step, t.snapshot_freq, t.n_iters) or preempted:
+                values = check(*pending)  # never save a state whose loss was not finite
+                if _itstime(step, t.log_freq, t.n_iters):
+                    logger.scalars(step, values)
+                pending = None
+                snapshot(state, step)
+            if _itstime(step, t.eval_freq, t.n_iters):
+                logger.scalars(step, {"eval_loss": eval_loss(
+                    exp, config, state.ema_params, config.eval.num_batches,
+                    _base_key(config.seed, "eval"))}, echo=False)
+            if preempted:
+                print(f"Saved step {step} after a preemption signal; rerun the same command to "
+                      f"resume.", flush=True)
+                break
+        if pending is not None:
+            values = check(*pending)
+    finally:
+        iterator.close()
+        watcher.close()
+        manager.wait_until_finished()
+        manager.close()
+        logger.close()
+    return state

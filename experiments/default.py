@@ -1,0 +1,87 @@
+"""Shared defaults of every experiment (score_sde's names and values); not an experiment itself.
+
+Experiments import `get_default_config()` and override only what differs. Keys:
+  seed; sde.{name, beta_min, beta_max, sigma_min, sigma_max, N, s}; model.{name, ema_rate,
+  parameterization, noise_input, scale_input, <network fields>}; data.{dataset, image_size,
+  num_channels, centered, uniform_dequantization, random_flip, data_dir, train_split, eval_split};
+  training.{batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps, continuous,
+  reduce_mean, likelihood_weighting, eps, snapshot_sampling, keep_checkpoints};
+  optim.{lr, warmup, grad_clip, beta1, beta2, eps, weight_decay};
+  sampling.{method, steps, predictor, corrector, snr, n_steps_each, noise_removal, eps,
+  batch_size, num_samples}; eval.{batch_size, num_batches}.
+"""
+
+import ml_collections
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 42
+
+    config.sde = sde = ml_collections.ConfigDict()
+    sde.name = "vpsde"          # "vpsde" | "subvpsde" | "vesde" | "cosine_vpsde"
+    sde.beta_min = 0.1          # VP / sub-VP linear schedule (Song et al. 2021)
+    sde.beta_max = 20.0
+    sde.sigma_min = 0.01        # VE geometric schedule
+    sde.sigma_max = 50.0
+    sde.s = 0.008               # cosine schedule offset (Nichol & Dhariwal 2021)
+    sde.N = 1000                # steps of the discrete chain (DDPM / SMLD) and default sampler steps
+
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "unet"
+    model.ema_rate = 0.9999
+    model.parameterization = "epsilon"  # "epsilon" | "score" | "x0"
+    model.noise_input = "time"          # network conditioned on 999 t ("time") or log sigma(t)
+    model.scale_input = True            # feed x / sqrt(alpha^2 + sigma^2) to the network
+    model.num_classes = None            # set to an int for a class-conditional model
+
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = "cifar10"
+    data.image_size = 32
+    data.num_channels = 3
+    data.centered = True               # data in [-1, 1] (else [0, 1])
+    data.uniform_dequantization = False
+    data.random_flip = True
+    data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: default)
+    data.train_split = "train"
+    data.eval_split = "test"
+
+    config.training = training = ml_collections.ConfigDict()
+    training.batch_size = 128
+    training.n_iters = 1_300_001
+    training.snapshot_freq = 50_000     # checkpoint (and sample grid) every this many steps
+    training.log_freq = 50
+    training.eval_freq = 5_000          # EMA eval loss to TensorBoard; 0 disables
+    training.n_jitted_steps = 1         # optimizer steps per jitted call
+    training.continuous = True          # DSM in continuous time; False: DDPM (VP) / SMLD (VE)
+    training.reduce_mean = False        # mean over dimensions (else 1/2 sum, score_sde)
+    training.likelihood_weighting = False
+    training.eps = 1e-5                 # t ~ U(eps, T)
+    training.snapshot_sampling = True
+    training.keep_checkpoints = 3
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.lr = 2e-4
+    optim.warmup = 5000
+    optim.grad_clip = 1.0               # global-norm clipping; <= 0 disables
+    optim.beta1 = 0.9
+    optim.beta2 = 0.999
+    optim.eps = 1e-8
+    optim.weight_decay = 0.0
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.method = "pc"              # "pc" (predictor-corrector)
+    sampling.steps = 0                  # 0: sde.N steps
+    sampling.predictor = "euler_maruyama"   # "euler_maruyama" | "reverse_diffusion" | "ancestral" | "none"
+    sampling.corrector = "none"         # "langevin" | "ald" | "none"
+    sampling.snr = 0.16
+    sampling.n_steps_each = 1           # corrector steps per predictor step
+    sampling.noise_removal = True
+    sampling.eps = 1e-3
+    sampling.batch_size = 64
+    sampling.num_samples = 64
+
+    config.eval = evaluation = ml_collections.ConfigDict()
+    evaluation.batch_size = 256
+    evaluation.num_batches = 20
+    return config

@@ -1,0 +1,68 @@
+"""The embedded default: a VP-SDE score model of scikit-learn's 8x8 handwritten digits.
+
+No download: the 1,797 digits ship with scikit-learn. A small DDPM-style U-Net (about 1M
+parameters) trains with continuous denoising score matching (Song et al. 2021) and samples with
+the reverse-SDE Euler-Maruyama predictor.
+
+    python scripts/run.py --config experiments/digits.py --workdir runs/digits
+
+On 2 CPU cores this trains 4,000 steps in about 6 minutes and writes
+runs/digits/samples/train_step_4000.png, a grid of recognisable digits (loss about 0.07 at the
+end). Then sample again from the EMA checkpoint, e.g. with fewer steps:
+
+    python scripts/run.py --config experiments/digits.py --workdir runs/digits --mode sample \\
+        --config.sampling.steps=200
+
+Smoke variant (seconds on a CPU, used by the tests): --config experiments/digits.py:smoke
+Useful overrides: --config.sde.name=vesde (with --config.model.noise_input=log_sigma),
+--config.training.n_iters=N, --config.sampling.predictor=reverse_diffusion.
+"""
+
+from experiments import default
+
+
+def get_config(arg: str | None = None):
+    config = default.get_default_config()
+    config.data.dataset = "digits"
+    config.data.image_size = 8
+    config.data.num_channels = 1
+    config.data.random_flip = False       # digits are not mirror-symmetric
+
+    config.model.name = "unet"
+    config.model.ch = 64
+    config.model.ch_mult = (1, 2)
+    config.model.num_res_blocks = 2
+    config.model.attn_resolutions = (4,)
+    config.model.dropout = 0.1
+    config.model.ema_rate = 0.999
+
+    config.training.batch_size = 128
+    config.training.n_iters = 4000
+    config.training.snapshot_freq = 1000
+    config.training.log_freq = 100
+    config.training.eval_freq = 1000
+    config.training.reduce_mean = True
+
+    config.optim.lr = 2e-3
+    config.optim.warmup = 200
+
+    config.sampling.batch_size = 64
+    config.sampling.num_samples = 64
+    config.eval.batch_size = 256
+    config.eval.num_batches = 1
+
+    if arg == "smoke":
+        config.model.ch = 8
+        config.model.num_res_blocks = 1
+        config.training.batch_size = 16
+        config.training.n_iters = 4
+        config.training.snapshot_freq = 2
+        config.training.log_freq = 2
+        config.training.eval_freq = 4
+        config.sde.N = 20
+        config.sampling.batch_size = 8
+        config.sampling.num_samples = 8
+        config.eval.batch_size = 16
+    elif arg:
+        raise ValueError(f"Unknown variant {arg!r} of experiments/digits.py; use ':smoke' or none.")
+    return config

@@ -1,0 +1,22 @@
+"""Shared test set-up: 4 fake CPU devices, strict numerics, and an x64 fixture.
+
+The fake devices (set before JAX initialises) make every training test exercise the sharded
+data-parallel path, as on a multi-GPU machine.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=4").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def x64():
+    """Runs one test in float64 (closed-form comparisons and convergence orders)."""
+    with jax.enable_x64(True):
+        yield

@@ -1,0 +1,196 @@
+"""The data-parallel train step, the training loop, checkpoint resume and preemption."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from diffusion import checkpointing, losses, models, train
+from diffusion import sde as sde_lib
+from diffusion.models import parameterization
+from experiments import toy_2d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_setup(n_jit=2, batch=16):
+    config = toy_2d.get_config("smoke")
+    net = models.get_model(config)
+    sde = sde_lib.VPSDE()
+    score_model = parameterization.make_score_model(net, sde)
+    loss_fn = losses.make_dsm_loss(sde, score_model, reduce_mean=True)
+    tx = train.create_optimizer(1e-2, warmup=2, grad_clip=1.0)
+    x = jax.random.normal(jax.random.key(0), (n_jit, batch, 2))
+    state = train.create_train_state(jax.random.key(1), net, tx, x[0])
+    return loss_fn, tx, state, {"x": x}
+
+
+def _run(step_fn, state, batch, calls=2):
+    key = jax.random.key(3)
+    for _ in range(calls):
+        state, metrics = step_fn(state, batch, key)
+    return state, metrics
+
+
+def test_shard_map_step_equals_pmap_and_single_device():
+    assert jax.device_count() == 4, "conftest sets 4 fake CPU devices"
+    loss_fn, tx, state, batch = _tiny_setup()
+    n_jit, b = batch["x"].shape[:2]
+
+    single = train.make_train_step(loss_fn, tx, 0.9, Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    mapped = train.make_train_step(loss_fn, tx, 0.9, train.data_mesh())
+    copy = lambda s: jax.tree.map(jnp.array, s)
+    s_single, m_single = _run(single, copy(state), batch)
+    s_mapped, m_mapped = _run(mapped, copy(state), train.put_batch(
+        {"x": np.asarray(batch["x"])}, train.data_mesh()))
+
+    device_step = train.make_device_step(loss_fn, tx, 0.9, "data")
+    pmapped = jax.pmap(device_step, axis_name="data", in_axes=(None, 0, None))
+    per_device = {"x": batch["x"].reshape(n_jit, 4, b // 4, 2).transpose(1, 0, 2, 3)}
+    key = jax.random.key(3)
+    s_pmap = copy(state)
+    for _ in range(2):
+        s_pmap, m_pmap = pmapped(s_pmap, per_device, key)
+        s_pmap = jax.tree.map(lambda a: a[0], s_pmap)
+
+    assert int(s_mapped.step) == int(s_single.step) == int(s_pmap.step) == 4
+    for other in (s_mapped, s_pmap):
+        for a, c in zip(jax.tree.leaves(s_single.params), jax.tree.leaves(other.params),
+                        strict=True):
+            np.testing.assert_allclose(a, c, rtol=2e-5, atol=2e-6)
+        for a, c in zip(jax.tree.leaves(s_single.ema_params), jax.tree.leaves(other.ema_params),
+                        strict=True):
+            np.testing.assert_allclose(a, c, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(m_single["loss"], m_mapped["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_single["loss"], m_pmap["loss"][0], rtol=1e-5)
+    # The step changed the parameters (so the comparison above is not vacuous).
+    diff = jax.tree.map(lambda a, c: float(jnp.max(jnp.abs(a - c))), state.params, s_single.params)
+    assert max(jax.tree.leaves(diff)) > 1e-4
+
+
+def test_n_jitted_steps_do_not_change_the_result():
+    loss_fn, tx, state, batch = _tiny_setup(n_jit=2)
+    mesh = train.data_mesh()
+    step = train.make_train_step(loss_fn, tx, 0.9, mesh)
+    copy = lambda s: jax.tree.map(jnp.array, s)
+    s_two, _ = _run(step, copy(state), train.put_batch({"x": np.asarray(batch["x"])}, mesh), 1)
+    s_one = copy(state)
+    for j in range(2):
+        s_one, _ = step(s_one, train.put_batch({"x": np.asarray(batch["x"][j:j + 1])}, mesh),
+                        jax.random.key(3))
+    for a, c in zip(jax.tree.leaves(s_two.params), jax.tree.leaves(s_one.params), strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+
+
+def _params(workdir, config):
+    exp = train.build(config)
+    manager = checkpointing.make_manager(workdir, read_only=True)
+    state = checkpointing.restore(manager, train._abstract_state(exp, config, train.data_mesh()))
+    manager.close()
+    return state
+
+
+def _assert_same_state(a, b):
+    assert int(a.step) == int(b.step)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_train_resume_equals_uninterrupted(tmp_path):
+    config = toy_2d.get_config("smoke")
+    config.training.snapshot_sampling = False
+    config.training.n_iters = 8
+    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+    assert int(full.step) == 8
+
+    config.training.n_iters = 4
+    part = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert int(part.step) == 4
+    config.training.n_iters = 8
+    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    _assert_same_state(jax.device_get(full), jax.device_get(resumed))
+    _assert_same_state(_params(str(tmp_path / "full"), config),
+                       _params(str(tmp_path / "resumed"), config))
+    lines = (tmp_path / "resumed" / "train.jsonl").read_text().splitlines()
+    assert lines and '"loss"' in lines[0]
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
+    """Kills a real run with SIGTERM, resumes it, and compares with an uninterrupted run."""
+    workdir = tmp_path / "killed"
+    args = [sys.executable, os.path.join(ROOT, "scripts", "run.py"),
+            f"--config={os.path.join(ROOT, 'experiments', 'toy_2d.py')}:smoke",
+            f"--workdir={workdir}", "--config.training.n_iters=100000",
+            "--config.training.snapshot_freq=100000", "--config.training.log_freq=2",
+            "--config.training.eval_freq=0", "--config.training.snapshot_sampling=False"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    log = workdir / "train.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "preemption" in out
+    killed_at = _params(str(workdir), toy_2d.get_config("smoke"))
+    k = int(killed_at.step)
+    assert 6 <= k < 100000
+
+    config = toy_2d.get_config("smoke")
+    config.training.snapshot_sampling = False
+    config.training.n_iters = k + 4
+    resumed = train.train_and_evaluate(config, str(workdir))
+    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+    _assert_same_state(jax.device_get(full), jax.device_get(resumed))
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+    config = toy_2d.get_config("smoke")
+    config.training.snapshot_sampling = False
+    config.training.n_iters = 2
+    train.train_and_evaluate(config, str(tmp_path))
+    config.training.n_iters = 4
+    config.optim.lr = float("nan")
+    with pytest.raises(FloatingPointError, match="last checkpoint: step 2"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert int(_params(str(tmp_path), config).step) == 2
+
+
+def test_bad_config_values_give_one_clear_error(tmp_path):
+    config = toy_2d.get_config("smoke")
+    config.training.n_jitted_steps = 3
+    with pytest.raises(ValueError, match="multiple of training.n_jitted_steps"):
+        train.train_and_evaluate(config, str(tmp_path))
+    for key, value, match in [("sde.name", "vpp", "config.sde.name must be one of"),
+                              ("model.name", "resnet", "config.model.name must be one of"),
+                              ("sampling.method", "magic", "config.sampling.method must be one of")]:
+        config = toy_2d.get_config("smoke")
+        section, field = key.split(".")
+        config[section][field] = value
+        with pytest.raises(ValueError, match=match):
+            if section == "sampling":
+                train.make_sampler(train.build(config), config.sampling, 8, train.data_mesh())
+            else:
+                train.build(config)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    result = _cli(f"--config={os.path.join(ROOT, 'experiments', 'toy_2d.py')}:smoke",
+                  f"--workdir={tmp_path}", "--config.sde.name=vpp")
+    assert result.returncode != 0
+    assert "config.sde.name must be one of" in result.stderr
+    assert "Traceback" not in result.stderr
