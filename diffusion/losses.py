@@ -111,8 +111,9 @@ def make_ddpm_loss(sde: SDE, score_model: Callable, *, reduce_mean: bool = True)
 def make_smld_loss(sde: SDE, score_model: Callable, *, reduce_mean: bool = False) -> LossFn:
     """The SMLD / NCSN loss on VESDE's discrete noise levels (Song & Ermon 2019, eq. 5-6).
 
-    i ~ U{0, ..., N-1}, x = x_0 + sigma_i z, and the loss is sigma_i^2 || s(x, t_i) + z / sigma_i ||^2
-    (the lambda(sigma) = sigma^2 weighting), at t_i = i T / (N - 1) where sigma(t_i) = sigma_i.
+    i ~ U{0, ..., N-1}, x = x_0 + sigma_i z, and the loss is
+    sigma_i^2 || s(x, t_i) + z / sigma_i ||^2 (the lambda(sigma) = sigma^2 weighting), at
+    t_i = i T / (N - 1) where sigma(t_i) = sigma_i.
     """
     if not isinstance(sde, VESDE):
         raise ValueError(f"The SMLD loss is defined for the VE SDE; got {type(sde).__name__}. Use "

@@ -9,7 +9,7 @@ import numpy as np
 
 
 def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tiles images (N, H, W, C) with values in [0, 1] into one uint8 array (rows*H', cols*W', C)."""
+    """Tiles images (N, H, W, C) in [0, 1] into one uint8 array (rows*(H+pad), cols*(W+pad), C)."""
     images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
     n, h, w, c = images.shape
     ncol = ncol or math.ceil(math.sqrt(n))
@@ -17,13 +17,14 @@ def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.
     grid = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), np.float32)
     for i, img in enumerate(images):
         r, k = divmod(i, ncol)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = img
+        top, left = pad + r * (h + pad), pad + k * (w + pad)
+        grid[top:top + h, left:left + w] = img
     return np.round(grid * 255).astype(np.uint8)
 
 
 def save_image_grid(path: str, images: np.ndarray, ncol: int | None = None,
                     min_size: int = 256) -> None:
-    """Writes images (N, H, W, C) in [0, 1] as one PNG, upscaled (nearest) to at least `min_size` px."""
+    """Writes images (N, H, W, C) in [0, 1] as one PNG, upscaled (nearest) to >= `min_size` px."""
     from PIL import Image
 
     grid = image_grid(images, ncol)

@@ -209,7 +209,8 @@ class CosineVPSDE(_UnitGaussianPrior, SDE):
     @property
     def t_clip(self) -> float:
         """Time at which beta(t) reaches beta_clip."""
-        return 2.0 * (1.0 + self.s) / math.pi * math.atan(self.beta_clip * (1.0 + self.s) / math.pi) - self.s
+        a = 1.0 + self.s
+        return 2.0 * a / math.pi * math.atan(self.beta_clip * a / math.pi) - self.s
 
     def _log_h(self, t: Array) -> Array:
         return 2.0 * jnp.log(jnp.cos(0.5 * math.pi * (t + self.s) / (1.0 + self.s)))
@@ -222,7 +223,8 @@ class CosineVPSDE(_UnitGaussianPrior, SDE):
         return inside - self.beta_clip * jnp.maximum(t - t_clip, 0.0)
 
     def beta(self, t: Array) -> Array:
-        raw = math.pi / (1.0 + self.s) * jnp.tan(0.5 * math.pi * (jnp.minimum(t, self.t_clip) + self.s) / (1.0 + self.s))
+        a = 1.0 + self.s
+        raw = math.pi / a * jnp.tan(0.5 * math.pi * (jnp.minimum(t, self.t_clip) + self.s) / a)
         return jnp.minimum(raw, self.beta_clip)
 
     def sde(self, x, t):
@@ -290,10 +292,10 @@ class VESDE(SDE):
 
     dx = sqrt(d[sigma(t)^2]/dt) dw with sigma(t) = sigma_min (sigma_max / sigma_min)^t, so
     g(t) = sigma(t) sqrt(2 log(sigma_max / sigma_min)). The exact transition from time 0 has
-    alpha(t) = 1 and variance sigma(t)^2 - sigma_min^2 (score_sde uses sigma(t)^2, which assumes the
-    data already carry noise of scale sigma_min; the difference is below 1e-4 for t > 0.1). The prior
-    is N(0, sigma_max^2 I). The discrete chain is SMLD's: sigma_i geometric from sigma_min to
-    sigma_max over N levels, x_{i+1} = x_i + sqrt(sigma_{i+1}^2 - sigma_i^2) z.
+    alpha(t) = 1 and variance sigma(t)^2 - sigma_min^2 (score_sde uses sigma(t)^2, which assumes
+    the data already carry noise of scale sigma_min; the difference is below 1e-4 for t > 0.1).
+    The prior is N(0, sigma_max^2 I). The discrete chain is SMLD's: sigma_i geometric from
+    sigma_min to sigma_max over N levels, x_{i+1} = x_i + sqrt(sigma_{i+1}^2 - sigma_i^2) z.
     """
 
     sigma_min: float = 0.01
@@ -308,7 +310,7 @@ class VESDE(SDE):
         return jnp.zeros_like(x), g
 
     def marginal_coeffs(self, t):
-        # sigma(t)^2 - sigma_min^2 = sigma_min^2 expm1(2 t log(sigma_max / sigma_min)), stable near 0.
+        # sigma(t)^2 - sigma_min^2 = sigma_min^2 expm1(2 t log(sigma_max / sigma_min)): stable at 0.
         log_ratio = math.log(self.sigma_max / self.sigma_min)
         std = self.sigma_min * jnp.sqrt(jnp.expm1(2.0 * t * log_ratio))
         return jnp.ones_like(t), std

@@ -30,7 +30,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion import checkpointing, datasets, losses, models, plotting
+from diffusion import checkpointing, datasets, losses, metrics, models, plotting
 from diffusion import sampling as sampling_lib
 from diffusion import sde as sde_lib
 from diffusion.models import parameterization
@@ -316,8 +316,9 @@ def eval_loss(exp: Experiment, config, params, num_batches: int, key: jax.Array)
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluates the latest checkpoint; appends one JSON line to `<workdir>/eval.jsonl`.
 
-    Reports the eval-split loss of the EMA parameters (the score-matching objective). Returns the
-    record written.
+    Reports the eval-split loss of the EMA parameters (the score-matching objective) and, for
+    low-dimensional data, the sliced Wasserstein distance and MMD between `sampling.num_samples`
+    samples (configured sampler) and the eval split. Returns the record written.
     """
     exp = build(config)
     mesh = data_mesh()
@@ -332,12 +333,27 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "eval_loss": eval_loss(exp, config, state.ema_params, config.eval.num_batches,
                                      _base_key(config.seed, "eval")),
               "eval_split_examples": len(exp.dataset.eval)}
+    if not exp.dataset.is_image:
+        record.update(_sample_distances(exp, config, state.ema_params, mesh))
     record["seconds"] = round(time.time() - t0, 2)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
     print(f"eval at step {step}: " + ", ".join(f"{k} {v}" for k, v in record.items()), flush=True)
     return record
+
+
+def _sample_distances(exp: Experiment, config, params, mesh: Mesh) -> dict:
+    """Sliced W2 and MMD between model samples and (up to 10k) eval-split points."""
+    samples, nfe = draw_samples(exp, config, params, mesh, config.sampling.num_samples,
+                                _base_key(config.seed, "eval_samples"))
+    n = min(len(exp.dataset.eval), 10_000)
+    ref = np.stack([exp.dataset.eval[i]["x"] for i in range(n)]).astype(np.float32)
+    key = _base_key(config.seed, "projections")
+    m = min(2000, n, len(samples))
+    return {"sliced_wasserstein": float(metrics.sliced_wasserstein(key, samples, ref)),
+            "mmd": float(metrics.mmd_rbf(samples[:m], ref[:m])), "sampler_nfe": nfe,
+            "num_samples": len(samples)}
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -402,7 +418,8 @@ class _Logger:
             return
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        record = {"step": step, "time": round(time.time(), 3), **values}
+        self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if echo:
             rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)

@@ -25,7 +25,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     sde.sigma_min = 0.01        # VE geometric schedule
     sde.sigma_max = 50.0
     sde.s = 0.008               # cosine schedule offset (Nichol & Dhariwal 2021)
-    sde.N = 1000                # steps of the discrete chain (DDPM / SMLD) and default sampler steps
+    sde.N = 1000                # levels of the discrete chain (DDPM / SMLD); default sampler steps
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "unet"
@@ -72,7 +72,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "pc"              # "pc" (predictor-corrector)
     sampling.steps = 0                  # 0: sde.N steps
-    sampling.predictor = "euler_maruyama"   # "euler_maruyama" | "reverse_diffusion" | "ancestral" | "none"
+    sampling.predictor = "euler_maruyama"  # | "reverse_diffusion" | "ancestral" | "none"
     sampling.corrector = "none"         # "langevin" | "ald" | "none"
     sampling.snr = 0.16
     sampling.n_steps_each = 1           # corrector steps per predictor step

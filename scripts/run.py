@@ -20,8 +20,8 @@ from ml_collections import config_flags  # noqa: E402
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "experiments", "digits.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Experiment config file (path[:variant]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT, "Experiment config file (path[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.",
                                required=True)
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to run.")

@@ -170,9 +170,10 @@ def test_bad_config_values_give_one_clear_error(tmp_path):
     config.training.n_jitted_steps = 3
     with pytest.raises(ValueError, match="multiple of training.n_jitted_steps"):
         train.train_and_evaluate(config, str(tmp_path))
-    for key, value, match in [("sde.name", "vpp", "config.sde.name must be one of"),
-                              ("model.name", "resnet", "config.model.name must be one of"),
-                              ("sampling.method", "magic", "config.sampling.method must be one of")]:
+    for key, value, match in [
+            ("sde.name", "vpp", "config.sde.name must be one of"),
+            ("model.name", "resnet", "config.model.name must be one of"),
+            ("sampling.method", "magic", "config.sampling.method must be one of")]:
         config = toy_2d.get_config("smoke")
         section, field = key.split(".")
         config[section][field] = value
