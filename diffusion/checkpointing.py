@@ -30,9 +30,12 @@ def checkpoint_dir(workdir: str) -> str:
 def make_manager(workdir: str, *, max_to_keep: int | None = 3, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
     """A CheckpointManager for `<workdir>/checkpoints` that keeps the last `max_to_keep` steps."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-        create=not read_only, read_only=read_only)
+    if read_only:  # for evaluation and sampling: never writes, never deletes
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                               save_interval_steps=0, max_to_keep=None)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                               enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 

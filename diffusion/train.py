@@ -155,7 +155,7 @@ class Experiment:
 def build(config: ml_collections.ConfigDict) -> Experiment:
     """Builds SDE, network, score model, loss, optimizer and dataset from `config`."""
     _check_config(config)
-    sde = sde_lib.get_sde(config.sde.name, **config.sde)
+    sde = sde_lib.get_sde(**config.sde)
     net = models.get_model(config)
     score_model = parameterization.make_score_model(
         net, sde, parameterization=config.model.parameterization,
