@@ -84,8 +84,8 @@ def make_ddpm_loss(sde: SDE, score_model: Callable, *, reduce_mean: bool = True)
     """The DDPM epsilon loss on the discrete chain of a VP-type SDE (Ho et al. 2020, eq. 14).
 
     i ~ U{0, ..., N-1}, x_i = sqrt(bar-alpha_i) x_0 + sqrt(1 - bar-alpha_i) z, and the loss is
-    || eps_hat + z ||^2 with eps_hat = sqrt(1 - bar-alpha_i) s(x_i, t_i) the score's epsilon, at the
-    continuous time t_i = i T / (N - 1) that `sde.discretize` maps back to step i.
+    || eps_hat + z ||^2 with eps_hat = sqrt(1 - bar-alpha_i) s(x_i, t_i) the score's epsilon, with
+    the network evaluated at t_i = i T / (N - 1), the time of level i on score_sde's grid.
     """
     if not hasattr(sde, "alphas_cumprod"):
         raise ValueError(f"The DDPM loss needs a VP-type SDE with a discrete chain; got "

@@ -240,6 +240,9 @@ def make_sampler(exp: Experiment, sampling_config, batch_size: int, mesh: Mesh) 
     """A jitted `(params, key, y) -> (samples (batch_size, *data_shape), nfe)` on the mesh.
 
     The batch is split over the mesh's devices; device i samples with fold_in(key, i).
+    `sampling.steps` > 0 sets the number of steps: the sampler then runs on the SDE's discrete
+    chain with that many levels (N), which the reverse-diffusion / ancestral predictors and the
+    ALD corrector step through one level at a time; 0 keeps the SDE's N.
     """
     s = sampling_config
     if s.method not in SAMPLERS:
@@ -247,15 +250,16 @@ def make_sampler(exp: Experiment, sampling_config, batch_size: int, mesh: Mesh) 
                          f"{sorted(SAMPLERS)}.")
     if s.method == "pc":
         kwargs = dict(predictor=_none(s.predictor), corrector=_none(s.corrector), snr=s.snr,
-                      n_corrector_steps=s.n_steps_each, n_steps=s.steps or None, eps=s.eps,
+                      n_corrector_steps=s.n_steps_each, eps=s.eps,
                       denoise=s.noise_removal)
+    sde = dataclasses.replace(exp.sde, N=s.steps) if s.steps else exp.sde
     n_dev = mesh.devices.size
     local_shape = (batch_size // n_dev, *exp.dataset.data_shape)
 
     def device_sample(params, key, y):
         key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
         score_fn = parameterization.score_fn_from_model(exp.score_model, params, y=y)
-        x, nfe = SAMPLERS[s.method](key, exp.sde, score_fn, local_shape, **kwargs)
+        x, nfe = SAMPLERS[s.method](key, sde, score_fn, local_shape, **kwargs)
         return x, jnp.asarray(nfe)
 
     mapped = jax.shard_map(device_sample, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
