@@ -120,8 +120,12 @@ def make_train_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, em
     (n_jitted_steps, global_batch, ...) sharded over the mesh's data axis on dimension 1.
     """
     device_step = make_device_step(loss_fn, tx, ema_rate, DATA_AXIS)
+    # check_vma=False gives pmap's semantics, which the device step is written for: the gradient
+    # of the replicated params is this device's, and `lax.pmean` averages it. (With the default
+    # check_vma=True, differentiating w.r.t. a replicated input already psums the cotangent, and
+    # the pmean would then leave the gradient n_devices times too large.)
     mapped = jax.shard_map(device_step, mesh=mesh, in_specs=(P(), P(None, DATA_AXIS), P()),
-                           out_specs=(P(), P()))
+                           out_specs=(P(), P()), check_vma=False)
     return jax.jit(mapped, donate_argnums=(0,))
 
 
@@ -150,6 +154,8 @@ class Experiment:
     tx: optax.GradientTransformation
     dataset: datasets.Dataset
     conditional: bool
+    # Jitted functions built once per experiment, so periodic sampling / evaluation compile once.
+    compiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 def build(config: ml_collections.ConfigDict) -> Experiment:
@@ -285,7 +291,10 @@ def draw_samples(exp: Experiment, config, params, mesh: Mesh, num: int, key: jax
                  ) -> tuple[np.ndarray, int]:
     """`num` samples (num, *data_shape) in data space, in batches of sampling.batch_size."""
     bs = config.sampling.batch_size
-    sampler = make_sampler(exp, config.sampling, bs, mesh)
+    cache_key = ("sampler", config.sampling.to_json(), id(mesh))
+    if cache_key not in exp.compiled:
+        exp.compiled[cache_key] = make_sampler(exp, config.sampling, bs, mesh)
+    sampler = exp.compiled[cache_key]
     label_sharding = NamedSharding(mesh, P(DATA_AXIS))
     out, nfe = [], 0
     for i in range(math.ceil(num / bs)):
@@ -302,7 +311,9 @@ def draw_samples(exp: Experiment, config, params, mesh: Mesh, num: int, key: jax
 
 def eval_loss(exp: Experiment, config, params, num_batches: int, key: jax.Array) -> float:
     """Mean loss of `params` (typically the EMA) on the eval split, over fixed noise."""
-    loss_fn = jax.jit(lambda p, b, k: jnp.mean(exp.loss_fn(p, b, k)))
+    if "eval_loss" not in exp.compiled:
+        exp.compiled["eval_loss"] = jax.jit(lambda p, b, k: jnp.mean(exp.loss_fn(p, b, k)))
+    loss_fn = exp.compiled["eval_loss"]
     bs = config.eval.batch_size
     n = len(exp.dataset.eval)
     num_batches = min(num_batches, max(1, n // bs))

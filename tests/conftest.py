@@ -20,3 +20,9 @@ def x64():
     """Runs one test in float64 (closed-form comparisons and convergence orders)."""
     with jax.enable_x64(True):
         yield
+
+# Identical programs compiled by several tests (each run of the training loop builds its step
+# anew) are compiled once and then read from this cache.
+_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"diffusion-jax-cache-{os.getuid()}")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
