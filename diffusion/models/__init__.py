@@ -1,0 +1,49 @@
+"""Flax (linen) score networks and the wrappers that turn them into a score function.
+
+    net = get_model(config)                                  # chosen by config.model.name
+    variables = net.init(key, x, t, train=False)             # x (B, H, W, C) or (B, D), t (B,)
+    out = net.apply(variables, x, t, train=True, rngs={"dropout": key})   # shaped like x
+    score_model = make_score_model(net, sde, "epsilon", "time")
+    score_fn = score_fn_from_model(score_model, variables["params"])     # score_fn(x, t)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+
+from .layers import AttnBlock as AttnBlock
+from .layers import Downsample as Downsample
+from .layers import GaussianFourierProjection as GaussianFourierProjection
+from .layers import ResnetBlock as ResnetBlock
+from .layers import Upsample as Upsample
+from .layers import sinusoidal_embedding as sinusoidal_embedding
+from .mlp import MLP as MLP
+from .parameterization import NOISE_INPUTS as NOISE_INPUTS
+from .parameterization import PARAMETERIZATIONS as PARAMETERIZATIONS
+from .parameterization import make_score_model as make_score_model
+from .parameterization import score_fn_from_model as score_fn_from_model
+from .unet import UNet as UNet
+
+MODELS: dict[str, type[nn.Module]] = {
+    "mlp": MLP,
+    "unet": UNet,
+}
+
+
+def get_model(config) -> nn.Module:
+    """The network named by `config.model.name`, built from the keys of `config.model`.
+
+    Only keys that are fields of the chosen class are passed (the block also holds ema_rate,
+    parameterization, noise_input, ... which are ignored); lists become tuples.
+    """
+    name = config.model.name
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}: config.model.name must be one of "
+                         f"{sorted(MODELS)}.")
+    cls = MODELS[name]
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in config.model.items() if k in fields}
+    return cls(**kwargs)

@@ -1,0 +1,203 @@
+"""Building blocks shared by the score networks: noise-level embeddings, ResNet and attention
+blocks, and resampling layers.
+
+The blocks follow DDPM (Ho et al. 2020, appendix B) as re-implemented in score_sde
+(Song et al. 2021): GroupNorm -> SiLU -> 3x3 conv, the noise embedding added between the two
+convolutions, DDPM's "fan_avg uniform" initialiser and zero-initialised last layers, so that
+every residual branch starts as the identity.
+
+Shapes: images are NHWC, (B, H, W, C); per-example noise levels t are (B,); embeddings (B, E).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+EMBEDDINGS = ("sinusoidal", "fourier")
+
+
+def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
+    """DDPM's initialiser: variance_scaling(scale, "fan_avg", "uniform"); scale 0 gives zeros."""
+    if scale == 0.0:
+        return nn.initializers.zeros_init()
+    return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
+
+
+def num_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
+    """Number of GroupNorm groups for `channels`: min(32, C // 4), lowered until it divides C."""
+    groups = max(1, min(max_groups, channels // min_group_size))
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+def group_norm(x: Array) -> Array:
+    """GroupNorm over the last (channel) axis of x (B, ..., C), with `num_groups(C)` groups."""
+    return nn.GroupNorm(num_groups=num_groups(x.shape[-1]), epsilon=1e-6)(x)
+
+
+def conv3x3(features: int, init_scale: float = 1.0, stride: int = 1) -> nn.Conv:
+    """3x3 convolution, "SAME" padding (for stride 2 on even sizes: pad 0 before, 1 after)."""
+    return nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME",
+                   kernel_init=default_init(init_scale))
+
+
+def sinusoidal_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Array:
+    """Transformer / DDPM positional embedding of a per-example noise level.
+
+    Args:
+      t: (B,) noise conditioning, e.g. a DDPM step index 0..999 (may be fractional).
+      dim: embedding size E.
+      max_period: the slowest of the E/2 geometric frequencies is 1 / max_period.
+
+    Returns:
+      (B, E): [sin(t w_0), ..., sin(t w_{E/2-1}), cos(t w_0), ...] with
+      w_k = max_period^(-k / (E/2 - 1)) (DDPM's convention), zero-padded when E is odd.
+    """
+    t = jnp.asarray(t, jnp.promote_types(jnp.asarray(t).dtype, jnp.float32))
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=t.dtype) / max(half - 1, 1)
+    angles = t[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim - 2 * half)))
+
+
+class GaussianFourierProjection(nn.Module):
+    """Random Fourier features of a scalar noise level (Tancik et al. 2020; NCSN++, Song et al.
+    2021), usually applied to log sigma: [sin(2 pi t W), cos(2 pi t W)], W ~ N(0, scale^2).
+
+    W is not trained. It is a constant drawn from numpy's legacy `RandomState(seed)`, whose stream
+    numpy guarantees never to change, rather than a stop-gradient parameter as in score_sde: it
+    stays out of `params`, so weight decay, EMA and the optimizer state never touch it, and a
+    checkpoint gives the same network under any JAX version (`jax.random` streams have changed
+    between releases). XLA folds it into the compiled program.
+
+    Attributes:
+      embed_dim: output size E (E/2 frequencies; zero-padded if E is odd).
+      scale: standard deviation of the frequencies W (16 in NCSN++).
+      seed: seed of the frequencies.
+    """
+
+    embed_dim: int = 256
+    scale: float = 16.0
+    seed: int = 0
+
+    @nn.compact
+    def __call__(self, t: Array) -> Array:
+        """t (B,) -> (B, embed_dim)."""
+        half = self.embed_dim // 2
+        w = self.scale * np.random.RandomState(self.seed).standard_normal(half)
+        t = jnp.asarray(t, jnp.promote_types(jnp.asarray(t).dtype, jnp.float32))
+        angles = 2.0 * math.pi * t[:, None] * jnp.asarray(w, t.dtype)[None, :]
+        emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+        return jnp.pad(emb, ((0, 0), (0, self.embed_dim - 2 * half)))
+
+
+def noise_embedding(kind: str, t: Array, dim: int, fourier_scale: float = 16.0) -> Array:
+    """(B,) noise conditioning -> (B, dim) by `kind` ("sinusoidal" | "fourier").
+
+    Call from inside a compact method: the Fourier branch creates a (parameter-free) submodule.
+    """
+    if kind == "sinusoidal":
+        return sinusoidal_embedding(t, dim)
+    if kind == "fourier":
+        return GaussianFourierProjection(embed_dim=dim, scale=fourier_scale)(t)
+    raise ValueError(f"Unknown embedding {kind!r}: must be one of {list(EMBEDDINGS)}.")
+
+
+def label_embedding(y: Array | None, num_classes: int, dim: int, batch_size: int) -> Array:
+    """(B,) int labels -> (B, dim) learned embedding with num_classes + 1 rows.
+
+    Label `num_classes` is the "null" label of classifier-free guidance; y=None means every
+    example has the null label. Call from inside a compact method.
+    """
+    if y is None:
+        y = jnp.full((batch_size,), num_classes, jnp.int32)
+    return nn.Embed(num_classes + 1, dim, embedding_init=nn.initializers.normal(1.0))(y)
+
+
+class ResnetBlock(nn.Module):
+    """DDPM residual block conditioned on a noise embedding.
+
+    h = conv3x3(SiLU(GN(x))) + Dense(SiLU(temb)); h = conv3x3(dropout(SiLU(GN(h))));
+    out = skip(x) + h, divided by sqrt(2) if `skip_rescale` (NCSN++). skip is a 1x1 conv when the
+    channel count changes, else the identity.
+
+    Attributes:
+      out_ch: output channels (None: same as the input).
+      dropout: dropout rate before the second conv; active only when train=True.
+      skip_rescale: divide the sum by sqrt(2), keeping its variance as the blocks stack up.
+      init_scale: initialiser scale of the second conv; 0 (DDPM) makes the block the identity.
+    """
+
+    out_ch: int | None = None
+    dropout: float = 0.0
+    skip_rescale: bool = False
+    init_scale: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, temb: Array | None = None, train: bool = False) -> Array:
+        """x (B, H, W, C), temb (B, E) or None -> (B, H, W, out_ch)."""
+        out_ch = self.out_ch or x.shape[-1]
+        h = conv3x3(out_ch)(nn.silu(group_norm(x)))
+        if temb is not None:
+            h = h + nn.Dense(out_ch, kernel_init=default_init())(nn.silu(temb))[:, None, None, :]
+        h = nn.silu(group_norm(h))
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = conv3x3(out_ch, init_scale=self.init_scale)(h)
+        if x.shape[-1] != out_ch:
+            x = nn.Conv(out_ch, (1, 1), kernel_init=default_init(), name="skip")(x)
+        return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, with a residual connection (DDPM).
+
+    q, k, v and the output projection are 1x1 convolutions (Dense over channels); the output
+    projection starts at zero, so the block starts as the identity.
+    """
+
+    skip_rescale: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x (B, H, W, C) -> (B, H, W, C)."""
+        b, height, width, c = x.shape
+        h = group_norm(x).reshape(b, height * width, c)
+        q, k, v = (nn.Dense(c, kernel_init=default_init(), name=n)(h) for n in ("q", "k", "v"))
+        weights = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) / math.sqrt(c), axis=-1)
+        h = jnp.einsum("bij,bjc->bic", weights, v)
+        h = nn.Dense(c, kernel_init=default_init(0.0), name="proj_out")(h)
+        out = x + h.reshape(b, height, width, c)
+        return out / math.sqrt(2.0) if self.skip_rescale else out
+
+
+class Downsample(nn.Module):
+    """Halves H and W: 3x3 conv with stride 2 (`with_conv`) or 2x2 average pooling."""
+
+    with_conv: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x (B, H, W, C), H and W even -> (B, H/2, W/2, C)."""
+        if self.with_conv:
+            return conv3x3(x.shape[-1], stride=2)(x)
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+    """Doubles H and W: nearest-neighbour x2, then a 3x3 conv if `with_conv`."""
+
+    with_conv: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x (B, H, W, C) -> (B, 2H, 2W, C)."""
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv3x3(x.shape[-1])(x) if self.with_conv else x

@@ -1,0 +1,301 @@
+"""Tests of diffusion/models: embeddings, blocks, MLP, UNet and get_model.
+
+Networks start with zero-initialised last layers (their output is exactly 0 at init), so tests
+that look at outputs first replace the parameters by random ones.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from diffusion import models
+from diffusion.models import layers
+
+TINY_UNET = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+
+
+def _random_params(net, *args, seed=0, scale=0.3, **kwargs):
+    """Parameters of `net` with every leaf drawn from N(0, scale^2), so no layer is zero.
+
+    Shapes come from `jax.eval_shape` and values from numpy: compiling a UNet's init (threefry
+    draws for every layer) costs seconds on CPU.
+    """
+    shapes = jax.eval_shape(net.init, jax.random.key(0), *args, **kwargs)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype),
+                        shapes)
+
+
+def _init(net, *args, **kwargs):
+    """Jitted init with an "rbg" key, which compiles several times faster than threefry."""
+    key = jax.random.key(0, impl="rbg")
+    return jax.jit(net.init, static_argnames="train")(key, *args, **kwargs)
+
+
+def _apply(net, use_jit):
+    return jax.jit(net.apply, static_argnames="train") if use_jit else net.apply
+
+
+def _count(params) -> int:
+    return sum(p.size for p in jax.tree.leaves(params))
+
+
+def _inputs(shape, key=0):
+    kx, kt = jax.random.split(jax.random.key(key))
+    return jax.random.normal(kx, shape), 999.0 * jax.random.uniform(kt, (shape[0],))
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def test_sinusoidal_embedding_values():
+    t = jnp.array([0.0, 3.0])
+    emb = layers.sinusoidal_embedding(t, 4)
+    # dim 4: frequencies 1 and 1/10000 (DDPM: 10000^(-k / (dim/2 - 1))).
+    expected = [[0, 0, 1, 1], [math.sin(3), math.sin(3e-4), math.cos(3), math.cos(3e-4)]]
+    np.testing.assert_allclose(emb, expected, rtol=1e-6, atol=1e-7)
+    odd = layers.sinusoidal_embedding(t, 7)
+    assert odd.shape == (2, 7)
+    np.testing.assert_array_equal(odd[:, -1], 0.0)
+
+
+def test_fourier_projection_is_fixed_and_not_a_parameter():
+    proj = layers.GaussianFourierProjection(embed_dim=6, scale=16.0)
+    t = jnp.array([0.5, -1.0])
+    variables = proj.init(jax.random.key(0), t)
+    assert jax.tree.leaves(variables) == []  # nothing for the optimizer, EMA or weight decay
+    w = 16.0 * np.random.RandomState(0).standard_normal(3)
+    angles = 2 * np.pi * np.asarray(t)[:, None] * w[None, :]
+    np.testing.assert_allclose(proj.apply(variables, t),
+                               np.concatenate([np.sin(angles), np.cos(angles)], -1), rtol=1e-4)
+    # Same frequencies whatever the init key.
+    np.testing.assert_array_equal(proj.apply(proj.init(jax.random.key(1), t), t),
+                                  proj.apply(variables, t))
+
+
+@pytest.mark.parametrize("channels", [1, 3, 8, 24, 64, 96, 192, 256, 384, 640])
+def test_num_groups_divides_channels(channels):
+    groups = layers.num_groups(channels)
+    assert channels % groups == 0 and 1 <= groups <= 32
+
+
+@pytest.mark.parametrize("resamp_with_conv", [True, False])
+def test_blocks_shapes(resamp_with_conv):
+    x = jnp.ones((2, 8, 8, 4))
+    temb = jnp.ones((2, 16))
+
+    def out_shape(module, *args):
+        run = lambda: module.apply(module.init(jax.random.key(0), *args), *args)
+        return jax.eval_shape(run).shape
+
+    assert out_shape(layers.ResnetBlock(out_ch=6, skip_rescale=True), x, temb) == (2, 8, 8, 6)
+    assert out_shape(layers.AttnBlock(), x) == x.shape
+    assert out_shape(layers.Downsample(resamp_with_conv), x) == (2, 4, 4, 4)
+    assert out_shape(layers.Upsample(resamp_with_conv), x) == (2, 16, 16, 4)
+
+
+def test_residual_blocks_start_as_identity():
+    """DDPM zero-initialises the last layer of each residual branch."""
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    for block in (layers.ResnetBlock(), layers.AttnBlock()):
+        run = jax.jit(lambda x, block=block: block.apply(block.init(jax.random.key(1), x), x))
+        np.testing.assert_array_equal(run(x), x)
+
+
+# ----------------------------------------------------------------------------- MLP
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("embedding", ["sinusoidal", "fourier"])
+def test_mlp_shape_and_finite(use_jit, embedding):
+    net = models.MLP(hidden=16, n_layers=2, embedding=embedding, embed_dim=8)
+    x, t = _inputs((5, 3))
+    params = _random_params(net, x, t)
+    out = _apply(net, use_jit)({"params": params}, x, t, train=True)
+    assert out.shape == x.shape
+    assert np.all(np.isfinite(out)) and np.std(out) > 0
+
+
+def test_mlp_parameter_count_by_hand():
+    d, hidden, n_layers, embed_dim = 3, 16, 2, 8
+    net = models.MLP(hidden=hidden, n_layers=n_layers, embed_dim=embed_dim)
+    params = _init(net, *_inputs((2, d)))["params"]
+    dense = lambda i, o: i * o + o
+    expected = (dense(embed_dim, hidden)                            # noise embedding projection
+                + dense(d, hidden) + dense(hidden, hidden)          # layer 0 + its embedding
+                + (n_layers - 1) * 2 * dense(hidden, hidden)        # later layers
+                + dense(hidden, d))                                 # output
+    assert _count(params) == expected
+
+
+def test_mlp_class_conditional():
+    net = models.MLP(hidden=16, n_layers=1, embed_dim=8, num_classes=4)
+    x, t = _inputs((3, 2))
+    y = jnp.array([0, 1, 4])  # 4 is the null label
+    params = _random_params(net, x, t, y=y)
+    assert params["Embed_0"]["embedding"].shape == (5, 16)
+    out = net.apply({"params": params}, x, t, y=y)
+    assert out.shape == x.shape
+    assert not np.allclose(out, net.apply({"params": params}, x, t, y=jnp.array([2, 3, 0])))
+    # y=None means the null label.
+    np.testing.assert_array_equal(net.apply({"params": params}, x, t),
+                                  net.apply({"params": params}, x, t, y=jnp.full((3,), 4)))
+
+
+# ----------------------------------------------------------------------------- UNet
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    """The tiny 8x8x1 UNet and randomised parameters, shared by several tests."""
+    net = models.UNet(**{**TINY_UNET, "dropout": 0.5})
+    x, t = _inputs((4, 8, 8, 1))
+    return net, _random_params(net, x, t), x, t
+
+
+def test_unet_8x8_shape_finite_and_jit_equals_eager(tiny_unet):
+    net, params, x, t = tiny_unet
+    rngs = {"dropout": jax.random.key(2)}
+    out = net.apply({"params": params}, x, t, train=True, rngs=rngs)
+    assert out.shape == x.shape
+    assert np.all(np.isfinite(out)) and np.std(out) > 0
+    jitted = jax.jit(net.apply, static_argnames="train")
+    np.testing.assert_allclose(jitted({"params": params}, x, t, train=True, rngs=rngs), out,
+                               rtol=1e-4, atol=1e-4)
+    # Unconditional networks ignore labels (the training loop passes the dataset's labels).
+    np.testing.assert_array_equal(net.apply({"params": params}, x, t, y=jnp.arange(4)),
+                                  net.apply({"params": params}, x, t))
+
+
+def test_unet_zero_output_at_init():
+    net = models.UNet(**TINY_UNET)
+    x, t = _inputs((2, 8, 8, 1))
+    key = jax.random.key(0, impl="rbg")
+    run = jax.jit(lambda x, t: net.apply(net.init(key, x, t), x, t))
+    np.testing.assert_array_equal(run(x, t), 0.0)
+
+
+def test_unet_dropout_only_in_train_mode(tiny_unet):
+    net, params, x, t = tiny_unet
+    apply = jax.jit(lambda key, train: net.apply({"params": params}, x, t, train=train,
+                                                 rngs={"dropout": key}), static_argnums=1)
+    key_a, key_b = jax.random.key(3), jax.random.key(4)
+    assert not np.allclose(apply(key_a, True), apply(key_b, True))
+    np.testing.assert_array_equal(apply(key_a, False), apply(key_b, False))
+
+
+def test_unet_16x16x3_class_conditional():
+    net = models.UNet(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+                      dropout=0.1, embedding="fourier", num_classes=3, skip_rescale=True,
+                      resamp_with_conv=False)
+    x, t = _inputs((2, 16, 16, 3))
+    t = jnp.log(t / 999.0)  # Fourier features expect log sigma
+    y = jnp.array([0, 3])  # 3 is the null label
+    shapes = jax.eval_shape(net.init, jax.random.key(0), x, t, y=y)["params"]
+    assert shapes["Embed_0"]["embedding"].shape == (4, 32)
+    params = _random_params(net, x, t, y=y)
+    apply = jax.jit(net.apply, static_argnames="train")
+    out = apply({"params": params}, x, t, y=y, train=False)
+    assert out.shape == x.shape
+    assert np.all(np.isfinite(out)) and np.std(out) > 0
+    other = apply({"params": params}, x, t, y=jnp.array([1, 2]), train=False)
+    assert not np.allclose(out, other)
+    np.testing.assert_array_equal(apply({"params": params}, x, t, train=False),
+                                  apply({"params": params}, x, t, y=jnp.full((2,), 3), train=False))
+
+
+def test_unet_parameter_count_by_hand():
+    """TINY_UNET on 8x8x1, counted layer by layer from the DDPM layout."""
+    conv = lambda k, i, o: k * k * i * o + o
+    dense = lambda i, o: i * o + o
+    norm = lambda c: 2 * c
+    emb = 32  # 4 * ch
+
+    def resnet(i, o):
+        skip = conv(1, i, o) if i != o else 0
+        return norm(i) + conv(3, i, o) + dense(emb, o) + norm(o) + conv(3, o, o) + skip
+
+    attn = lambda c: norm(c) + 4 * dense(c, c)
+    expected = (
+        dense(8, emb) + dense(emb, emb)                       # noise embedding
+        + conv(3, 1, 8)                                       # input conv     skips: 8
+        + resnet(8, 8)                                        # 8x8, level 0   skips: 8, 8
+        + conv(3, 8, 8)                                       # downsample     skips: 8, 8, 8
+        + resnet(8, 16) + attn(16)                            # 4x4, level 1   skips: ..., 16
+        + resnet(16, 16) + attn(16) + resnet(16, 16)          # middle
+        + resnet(16 + 16, 16) + attn(16)                      # up, level 1
+        + resnet(16 + 8, 16) + attn(16)
+        + conv(3, 16, 16)                                     # upsample
+        + resnet(16 + 8, 8) + resnet(8 + 8, 8)                # up, level 0
+        + norm(8) + conv(3, 8, 1)                             # output
+    )
+    net = models.UNet(**TINY_UNET)
+    shapes = jax.eval_shape(net.init, jax.random.key(0), *_inputs((1, 8, 8, 1)))
+    assert _count(shapes["params"]) == expected
+
+
+def test_unet_ddpm_cifar10_parameter_count():
+    """The DDPM CIFAR-10 network (Ho et al. 2020: 35.7M parameters).
+
+    Golden number: update it only when the architecture is meant to change (e.g. a different
+    GroupNorm or attention layout), never to make an accidental change pass.
+    """
+    net = models.UNet(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,))
+    shapes = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.ones(1))
+    assert _count(shapes["params"]) == 35_746_307
+
+
+def test_unet_rejects_bad_image_size():
+    net = models.UNet(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=())
+    with pytest.raises(ValueError, match="divisible by 4; got 6x6"):
+        net.init(jax.random.key(0), *_inputs((1, 6, 6, 1)))
+    with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
+        net.init(jax.random.key(0), *_inputs((1, 6)))
+
+
+def test_unknown_embedding():
+    net = models.MLP(embedding="learned")
+    with pytest.raises(ValueError, match="Unknown embedding 'learned'.*sinusoidal"):
+        net.init(jax.random.key(0), *_inputs((1, 2)))
+
+
+# ----------------------------------------------------------------------------- get_model
+
+
+def _config(**model):
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict(
+        {"ema_rate": 0.999, "parameterization": "epsilon", "noise_input": "time",
+         "scale_input": True, "num_classes": None, **model})
+    return config
+
+
+def test_get_model_passes_only_fields_and_tuples():
+    net = models.get_model(_config(name="unet", ch=8, ch_mult=[1, 2], num_res_blocks=1,
+                                   attn_resolutions=[4], dropout=0.0))
+    assert isinstance(net, models.UNet)
+    assert net.ch_mult == (1, 2) and net.attn_resolutions == (4,) and net.ch == 8
+    assert net.num_classes is None
+    x, t = _inputs((2, 8, 8, 1))
+    key = jax.random.key(0)
+    run = lambda: net.apply(net.init(key, x, t, train=False), x, t, train=True,
+                            rngs={"dropout": key})
+    assert jax.eval_shape(run).shape == x.shape
+    mlp = models.get_model(_config(name="mlp", hidden=32, n_layers=2))
+    assert isinstance(mlp, models.MLP) and mlp.hidden == 32 and mlp.n_layers == 2
+    assert models.MODELS == {"mlp": models.MLP, "unet": models.UNet}
+
+
+def test_get_model_unknown_name():
+    with pytest.raises(ValueError, match=r"Unknown model 'resnet': config.model.name must be one "
+                                         r"of \['mlp', 'unet'\]"):
+        models.get_model(_config(name="resnet"))
+
+
+def test_modules_are_linen():
+    assert issubclass(models.MLP, nn.Module) and issubclass(models.UNet, nn.Module)
