@@ -1,1 +1,29 @@
-"""Score-based generative models in continuous time, in JAX/Flax (filled in as modules land)."""
+"""Score-based generative models in continuous time, in JAX/Flax.
+
+The public modules, imported explicitly (no import side effects, no registries):
+
+    from diffusion import sde as sde_lib       # VPSDE, SubVPSDE, VESDE, CosineVPSDE, get_sde
+    from diffusion import models               # get_model, MLP, UNet, make_score_model
+    from diffusion import losses               # make_dsm_loss, make_ddpm_loss, make_smld_loss
+    from diffusion import sampling             # pc_sample
+    from diffusion import datasets, metrics
+    from diffusion import train                # train_and_evaluate, evaluate, sample
+
+`diffusion.train` (the loops, with orbax and TensorBoard) is not imported here, so that using
+the SDEs, networks and samplers does not pull in the training stack.
+"""
+
+from diffusion import datasets as datasets
+from diffusion import losses as losses
+from diffusion import metrics as metrics
+from diffusion import models as models
+from diffusion import sampling as sampling
+from diffusion import sde as sde
+from diffusion.sde import SDE as SDE
+from diffusion.sde import VESDE as VESDE
+from diffusion.sde import VPSDE as VPSDE
+from diffusion.sde import CosineVPSDE as CosineVPSDE
+from diffusion.sde import SubVPSDE as SubVPSDE
+from diffusion.sde import get_sde as get_sde
+
+__version__ = "0.1.0"

@@ -76,6 +76,17 @@ def create_train_state(key: jax.Array, net, tx: optax.GradientTransformation,
 # --------------------------------------------------------------------------- the train step
 
 
+def ema_decay(ema_rate: float, num_updates: jax.Array) -> jax.Array:
+    """EMA decay after `num_updates` updates: min(ema_rate, (1 + n) / (10 + n)).
+
+    The warm-up (as in tf.train.ExponentialMovingAverage) keeps the initial weights from dominating
+    short runs: with a constant 0.999, 37% of the EMA is still the initialisation after 1,000
+    steps. For n >> 1 / (1 - ema_rate) the decay is ema_rate, as in score_sde.
+    """
+    n = num_updates.astype(jnp.float32)
+    return jnp.minimum(ema_rate, (1.0 + n) / (10.0 + n))
+
+
 def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, ema_rate: float,
                      axis_name: str = DATA_AXIS) -> Callable:
     """The train step one device runs: `(state, batch, key) -> (state, metrics)`.
@@ -101,13 +112,21 @@ def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, e
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            ema_params = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p,
+            decay = ema_decay(ema_rate, state.step + 1)
+            ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                                       state.ema_params, params)
             new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
                                    opt_state=opt_state)
             return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
-        return jax.lax.scan(one_step, state, batch)
+        # A Python loop, unrolled at trace time, instead of lax.scan: XLA:CPU runs the weight-
+        # gradient convolutions of a U-Net inside a while loop ~40x slower than at top level
+        # (measured 17 s vs 0.43 s per digits step). n_jitted_steps is small, so unrolling is cheap.
+        metrics = []
+        for j in range(batch["x"].shape[0]):
+            state, m = one_step(state, jax.tree.map(lambda v, j=j: v[j], batch))
+            metrics.append(m)
+        return state, jax.tree.map(lambda *v: jnp.stack(v), *metrics)
 
     return device_step
 

@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
     config.data.random_flip = False       # digits are not mirror-symmetric
 
     config.model.name = "unet"
-    config.model.ch = 64
+    config.model.ch = 32
     config.model.ch_mult = (1, 2)
     config.model.num_res_blocks = 2
     config.model.attn_resolutions = (4,)
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
     config.model.ema_rate = 0.999
 
     config.training.batch_size = 128
-    config.training.n_iters = 4000
+    config.training.n_iters = 2000
     config.training.snapshot_freq = 1000
     config.training.log_freq = 100
     config.training.eval_freq = 1000

@@ -36,6 +36,8 @@ def main(argv):
 
     from diffusion import train
 
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO level
+        logging.set_verbosity(logging.WARNING)
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(),

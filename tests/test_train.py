@@ -198,3 +198,18 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert result.returncode != 0
     assert "config.sde.name must be one of" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ema_uses_the_warmed_up_decay():
+    loss_fn, tx, state, batch = _tiny_setup(n_jit=1)
+    mesh = train.data_mesh()
+    step = train.make_train_step(loss_fn, tx, 0.999, mesh)
+    old = jax.tree.map(np.asarray, state.ema_params)
+    new, _ = step(jax.tree.map(jnp.array, state), train.put_batch(
+        {"x": np.asarray(batch["x"])}, mesh), jax.random.key(3))
+    decay = 2.0 / 11.0  # min(0.999, (1 + n) / (10 + n)) after n = 1 update
+    for e, e0, p in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(old),
+                        jax.tree.leaves(new.params), strict=True):
+        np.testing.assert_allclose(e, decay * e0 + (1 - decay) * np.asarray(p), rtol=1e-5,
+                                   atol=1e-7)
+    assert float(train.ema_decay(0.999, jnp.asarray(10**6))) == np.float32(0.999)
