@@ -378,16 +378,25 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _sample_distances(exp: Experiment, config, params, mesh: Mesh) -> dict:
-    """Sliced W2 and MMD between model samples and (up to 10k) eval-split points."""
+    """Sliced W2 and MMD between model samples and (up to 10k) eval-split points.
+
+    The same distances between as many training points and the eval split are reported as
+    `*_data_floor`: what a perfect model would score with this many samples.
+    """
     samples, nfe = draw_samples(exp, config, params, mesh, config.sampling.num_samples,
                                 _base_key(config.seed, "eval_samples"))
     n = min(len(exp.dataset.eval), 10_000)
     ref = np.stack([exp.dataset.eval[i]["x"] for i in range(n)]).astype(np.float32)
     key = _base_key(config.seed, "projections")
     m = min(2000, n, len(samples))
+    train_points = datasets.batch_at(exp.dataset, "train", 0, len(samples), seed=config.seed,
+                                     train=False)["x"]
     return {"sliced_wasserstein": float(metrics.sliced_wasserstein(key, samples, ref)),
-            "mmd": float(metrics.mmd_rbf(samples[:m], ref[:m])), "sampler_nfe": nfe,
-            "num_samples": len(samples)}
+            "sliced_wasserstein_data_floor": float(
+                metrics.sliced_wasserstein(key, train_points, ref)),
+            "mmd": float(metrics.mmd_rbf(samples[:m], ref[:m])),
+            "mmd_data_floor": float(metrics.mmd_rbf(train_points[:m], ref[:m])),
+            "sampler_nfe": nfe, "num_samples": len(samples)}
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
