@@ -491,8 +491,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     Prints a progress line every `log_freq` steps; every `snapshot_freq` steps (and at the end)
     saves a checkpoint and, if `training.snapshot_sampling`, a sample grid
     `<workdir>/samples/train_step_<N>.png`; every `eval_freq` steps logs the EMA eval loss.
-    SIGTERM saves a checkpoint at the current step and returns. A non-finite loss raises
-    FloatingPointError and saves nothing. Returns the final train state.
+    SIGTERM saves a checkpoint at the current step and returns. The losses are fetched from the
+    device (one sync) at each log and snapshot; a non-finite one raises FloatingPointError naming
+    the step range, and that state is never saved. Returns the final train state.
     """
     exp = build(config)
     t = config.training
@@ -531,13 +532,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         group = [next(iterator) for _ in range(n_jit)]
         return put_batch({k: np.stack([g[k] for g in group]) for k in keep}, mesh)
 
-    def check(metrics, first: int, last: int) -> dict:
-        metrics = jax.device_get(metrics)
+    def check(window: list, first: int, last: int) -> dict:
+        """Fetches the metrics of steps first+1..last (one device sync) and checks the loss."""
+        metrics = jax.tree.map(lambda *v: np.concatenate(v), *jax.device_get(window))
         if not np.all(np.isfinite(metrics["loss"])):
             raise FloatingPointError(
-                f"Non-finite loss {metrics['loss']} in steps {first + 1}-{last}; the state was not "
-                f"saved (last checkpoint: step {manager.latest_step()}). Lower optim.lr, check "
-                f"optim.grad_clip and the data, then rerun to resume from that checkpoint.")
+                f"Non-finite loss in steps {first + 1}-{last} (losses {metrics['loss']}); the "
+                f"state was not saved (last checkpoint: step {manager.latest_step()}). Lower "
+                f"optim.lr, check optim.grad_clip and the data, then rerun to resume from that "
+                f"checkpoint.")
         return {k: float(np.mean(v)) for k, v in metrics.items()}
 
     def snapshot(state, step):
@@ -549,25 +552,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             _save_samples_png(os.path.join(workdir, "samples", f"train_step_{step}.png"),
                               samples, exp, config.data.centered, f"step {step}, NFE {nfe}")
 
-    step, pending = start, None
+    # Metrics stay on the device until the next log or snapshot, so the host never waits for a
+    # step to finish in between: it prepares the next batch while the device computes.
+    step, window, window_start = start, [], start
     try:
         batch = next_batches()
         while step < t.n_iters:
             state, metrics = train_step(state, batch, train_key)
-            first, step = step, step + n_jit
+            step += n_jit
+            window.append(metrics)
             if step < t.n_iters:
                 batch = next_batches()  # overlaps with the step running on the device
-            if pending is not None:
-                values = check(*pending)
-                if _itstime(pending[2], t.log_freq, t.n_iters):
-                    logger.scalars(pending[2], values)
-            pending = (metrics, first, step)
             preempted = watcher.requested
-            if _itstime(step, t.snapshot_freq, t.n_iters) or preempted:
-                values = check(*pending)  # never save a state whose loss was not finite
+            snapshot_due = _itstime(step, t.snapshot_freq, t.n_iters) or preempted
+            if _itstime(step, t.log_freq, t.n_iters) or snapshot_due:
+                values = check(window, window_start, step)  # never save a non-finite state
+                window, window_start = [], step
                 if _itstime(step, t.log_freq, t.n_iters):
                     logger.scalars(step, values)
-                pending = None
+            if snapshot_due:
                 snapshot(state, step)
             if _itstime(step, t.eval_freq, t.n_iters):
                 logger.scalars(step, {"eval_loss": eval_loss(
@@ -577,8 +580,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 print(f"Saved step {step} after a preemption signal; rerun the same command to "
                       f"resume.", flush=True)
                 break
-        if pending is not None:
-            values = check(*pending)
     finally:
         iterator.close()
         watcher.close()
