@@ -81,6 +81,30 @@ class SDE(abc.ABC):
         alpha, sigma = self.marginal_coeffs(t)
         return batch_broadcast(alpha, x0) * x0, sigma
 
+    def log_snr(self, t: Array) -> Array:
+        """lambda(t) = log(alpha(t) / sigma(t)), strictly decreasing in t; (B,)."""
+        alpha, sigma = self.marginal_coeffs(t)
+        return jnp.log(alpha) - jnp.log(sigma)
+
+    def t_of_log_snr(self, log_snr: Array, t_min: float = 0.0) -> Array:
+        """The time t in [t_min, T] with log_snr(t) = log_snr, by bisection (any shape).
+
+        Generic for every process whose log-SNR falls monotonically; 60 halvings take the bracket
+        below float64 resolution. Values outside [log_snr(T), log_snr(t_min)] clip to the ends.
+        """
+        log_snr = jnp.asarray(log_snr)
+        lo = jnp.full(log_snr.shape, t_min, log_snr.dtype)
+        hi = jnp.full(log_snr.shape, self.T, log_snr.dtype)
+
+        def halve(_, bracket):
+            lo, hi = bracket
+            mid = 0.5 * (lo + hi)
+            above = self.log_snr(mid.reshape(-1)).reshape(mid.shape) > log_snr
+            return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(0, 60, halve, (lo, hi))
+        return 0.5 * (lo + hi)
+
     def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> ReverseSDE:
         """The reverse-time SDE (eq. 6) or the probability-flow ODE (eq. 13) given a score."""
         return ReverseSDE(self, score_fn, probability_flow)

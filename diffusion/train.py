@@ -30,7 +30,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion import checkpointing, datasets, losses, metrics, models, plotting
+from diffusion import checkpointing, datasets, likelihood, losses, metrics, models, plotting
 from diffusion import sampling as sampling_lib
 from diffusion import sde as sde_lib
 from diffusion.models import parameterization
@@ -258,26 +258,46 @@ def count_params(params) -> int:
 # --------------------------------------------------------------------------- sampling
 
 
-SAMPLERS = {"pc": sampling_lib.pc_sample}
+SAMPLERS = {"pc": sampling_lib.pc_sample, "ode": sampling_lib.ode_sample,
+            "ddim": sampling_lib.ddim_sample, "dpm_solver": sampling_lib.dpm_solver_sample,
+            "edm": sampling_lib.edm_sample}
 
 
-def make_sampler(exp: Experiment, sampling_config, batch_size: int, mesh: Mesh) -> Callable:
-    """A jitted `(params, key, y) -> (samples (batch_size, *data_shape), nfe)` on the mesh.
+def sampler_kwargs(s) -> dict:
+    """Keyword arguments of `SAMPLERS[s.method]` from a config's `sampling` block.
 
-    The batch is split over the mesh's devices; device i samples with fold_in(key, i).
-    `sampling.steps` > 0 sets the number of steps: the sampler then runs on the SDE's discrete
-    chain with that many levels (N), which the reverse-diffusion / ancestral predictors and the
-    ALD corrector step through one level at a time; 0 keeps the SDE's N.
+    `steps` = 0 keeps each sampler's default (pc: sde.N; ddim 50, dpm_solver 20, edm 18; the
+    adaptive ODE solver takes no step count). `noise_removal` is each sampler's `denoise`.
     """
-    s = sampling_config
     if s.method not in SAMPLERS:
         raise ValueError(f"Unknown sampler {s.method!r}: config.sampling.method must be one of "
                          f"{sorted(SAMPLERS)}.")
+    common = dict(eps=s.eps, denoise=s.noise_removal)
+    steps = dict(steps=s.steps) if s.steps else {}
     if s.method == "pc":
-        kwargs = dict(predictor=_none(s.predictor), corrector=_none(s.corrector), snr=s.snr,
-                      n_corrector_steps=s.n_steps_each, eps=s.eps,
-                      denoise=s.noise_removal)
-    sde = dataclasses.replace(exp.sde, N=s.steps) if s.steps else exp.sde
+        return dict(common, predictor=_none(s.predictor), corrector=_none(s.corrector),
+                    snr=s.snr, n_corrector_steps=s.n_steps_each)
+    if s.method == "ode":
+        return dict(common, rtol=s.rtol, atol=s.atol, method=s.ode_solver)
+    if s.method == "ddim":
+        return dict(common, **steps, eta=s.eta)
+    if s.method == "dpm_solver":
+        return dict(common, **steps, order=s.order)
+    return dict(common, **steps, rho=s.rho, s_churn=s.s_churn)
+
+
+def make_sampler(exp: Experiment, sampling_config, batch_size: int, mesh: Mesh) -> Callable:
+    """A jitted `(params, key, y) -> (samples (batch_size, *data_shape), nfe (n_devices,))`.
+
+    The batch is split over the mesh's devices; device i samples with fold_in(key, i).
+    For the pc sampler, `sampling.steps` > 0 sets the number of steps: the sampler then runs on
+    the SDE's discrete chain with that many levels (N), which the reverse-diffusion / ancestral
+    predictors and the ALD corrector step through one level at a time; 0 keeps the SDE's N.
+    The other samplers take `steps` as their own argument (`sampler_kwargs`).
+    """
+    s = sampling_config
+    kwargs = sampler_kwargs(s)
+    sde = dataclasses.replace(exp.sde, N=s.steps) if s.method == "pc" and s.steps else exp.sde
     n_dev = mesh.devices.size
     local_shape = (batch_size // n_dev, *exp.dataset.data_shape)
 
@@ -285,10 +305,13 @@ def make_sampler(exp: Experiment, sampling_config, batch_size: int, mesh: Mesh) 
         key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
         score_fn = parameterization.score_fn_from_model(exp.score_model, params, y=y)
         x, nfe = SAMPLERS[s.method](key, sde, score_fn, local_shape, **kwargs)
-        return x, jnp.asarray(nfe)
+        return x, jnp.reshape(nfe, (1,))
 
+    # The adaptive ODE solver may take a different number of steps on each device: NFE comes
+    # back per device, and the caller reports the largest. No collectives inside, so no
+    # varying-axis checks (diffrax's loops do not annotate them).
     mapped = jax.shard_map(device_sample, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
-                           out_specs=(P(DATA_AXIS), P()))
+                           out_specs=(P(DATA_AXIS), P(DATA_AXIS)), check_vma=False)
     return jax.jit(mapped)
 
 
@@ -322,7 +345,7 @@ def draw_samples(exp: Experiment, config, params, mesh: Mesh, num: int, key: jax
              if exp.conditional else jnp.zeros((bs,), jnp.int32))
         x, nfe = sampler(params, k, jax.device_put(y, label_sharding))
         out.append(np.asarray(jax.device_get(x)))
-    return np.concatenate(out)[:num], int(nfe)
+    return np.concatenate(out)[:num], int(np.max(nfe))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -350,7 +373,9 @@ def eval_loss(exp: Experiment, config, params, num_batches: int, key: jax.Array)
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluates the latest checkpoint; appends one JSON line to `<workdir>/eval.jsonl`.
 
-    Reports the eval-split loss of the EMA parameters (the score-matching objective) and, for
+    Reports the eval-split loss of the EMA parameters (the score-matching objective), with
+    `eval.enable_bpd` the likelihood of eval data through the probability-flow ODE (bits/dim for
+    images, nats per example for points; `eval_likelihood`) and, for
     low-dimensional data, the sliced Wasserstein distance and MMD between `sampling.num_samples`
     samples (configured sampler) and the eval split. Returns the record written.
     """
@@ -367,6 +392,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "eval_loss": eval_loss(exp, config, state.ema_params, config.eval.num_batches,
                                      _base_key(config.seed, "eval")),
               "eval_split_examples": len(exp.dataset.eval)}
+    if config.eval.enable_bpd:
+        record.update(eval_likelihood(exp, config, state.ema_params, mesh))
     if not exp.dataset.is_image:
         record.update(_sample_distances(exp, config, state.ema_params, mesh))
     record["seconds"] = round(time.time() - t0, 2)
@@ -375,6 +402,68 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f.write(json.dumps(record) + "\n")
     print(f"eval at step {step}: " + ", ".join(f"{k} {v}" for k, v in record.items()), flush=True)
     return record
+
+
+def make_log_likelihood(exp: Experiment, eval_config, mesh: Mesh) -> Callable:
+    """A jitted `(params, key, x) -> (logp (B,), nfe (n_devices,))`, x sharded over the mesh."""
+    e = eval_config
+
+    def device_logp(params, key, x):
+        key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+        score_fn = parameterization.score_fn_from_model(exp.score_model, params)
+        logp, nfe = likelihood.log_likelihood(
+            key, exp.sde, score_fn, x, divergence=e.bpd_divergence, rtol=e.likelihood_rtol,
+            atol=e.likelihood_atol, eps=e.likelihood_eps)
+        return logp, jnp.reshape(nfe, (1,))
+
+    return jax.jit(jax.shard_map(device_logp, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
+                                 out_specs=(P(DATA_AXIS), P(DATA_AXIS)), check_vma=False))
+
+
+def eval_likelihood(exp: Experiment, config, params, mesh: Mesh) -> dict:
+    """Log-likelihood of `eval.bpd_num_batches` eval batches under the probability-flow ODE.
+
+    Images are uniformly dequantized ((level + u) / L, then scaled like the training data) and
+    reported in bits/dim of the L-level data (offset log2(L / data range): 7 for 8-bit data in
+    [-1, 1]); points in nats per example (`nll`). Also reports the standard error over examples
+    and the solver's NFE (largest over batches and devices).
+    """
+    if exp.conditional:
+        return {}   # the likelihood of a class-conditional model needs a label marginal
+    e = config.eval
+    if e.bpd_divergence not in likelihood.DIVERGENCES:
+        raise ValueError(f"Unknown config.eval.bpd_divergence {e.bpd_divergence!r}: use one of "
+                         f"{likelihood.DIVERGENCES}.")
+    cache_key = ("log_likelihood", e.to_json(), id(mesh))
+    if cache_key not in exp.compiled:
+        exp.compiled[cache_key] = make_log_likelihood(exp, e, mesh)
+    log_likelihood_fn = exp.compiled[cache_key]
+    bs = e.batch_size
+    num_batches = min(e.bpd_num_batches, max(1, len(exp.dataset.eval) // bs))
+    key = _base_key(config.seed, "likelihood")
+    sharding = NamedSharding(mesh, P(DATA_AXIS))
+    logps, nfe = [], 0
+    for i in range(num_batches):
+        x = datasets.batch_at(exp.dataset, "eval", i, bs, seed=config.seed, train=False,
+                              centered=config.data.centered, uniform_dequantization=True)["x"]
+        logp, batch_nfe = log_likelihood_fn(params, jax.random.fold_in(key, i),
+                                            jax.device_put(x, sharding))
+        logps.append(np.asarray(jax.device_get(logp)))
+        nfe = max(nfe, int(np.max(batch_nfe)))
+    logp = np.concatenate(logps).astype(np.float64)
+    if not np.all(np.isfinite(logp)):
+        raise FloatingPointError("The likelihood ODE solve produced non-finite values (solver "
+                                 "failure or a diverging model); try larger eval.likelihood_rtol.")
+    if exp.dataset.is_image:
+        data_range = 2.0 if config.data.centered else 1.0
+        values = np.asarray(likelihood.bits_per_dim(
+            logp, exp.dataset.data_shape, offset=math.log2(exp.dataset.num_levels / data_range)))
+        name = "bpd"
+    else:
+        values, name = -logp, "nll"
+    return {name: float(values.mean()),
+            f"{name}_std_err": float(values.std() / math.sqrt(len(values))),
+            "likelihood_nfe": nfe, "likelihood_examples": len(values)}
 
 
 def _sample_distances(exp: Experiment, config, params, mesh: Mesh) -> dict:

@@ -8,7 +8,9 @@ Experiments import `get_default_config()` and override only what differs. Keys:
   reduce_mean, likelihood_weighting, eps, snapshot_sampling, keep_checkpoints};
   optim.{lr, warmup, grad_clip, beta1, beta2, eps, weight_decay};
   sampling.{method, steps, predictor, corrector, snr, n_steps_each, noise_removal, eps,
-  batch_size, num_samples}; eval.{batch_size, num_batches}.
+  order, eta, rho, s_churn, rtol, atol, ode_solver, batch_size, num_samples};
+  eval.{batch_size, num_batches, enable_bpd, bpd_num_batches, bpd_divergence, likelihood_eps,
+  likelihood_rtol, likelihood_atol}.
 """
 
 import ml_collections
@@ -70,13 +72,21 @@ def get_default_config() -> ml_collections.ConfigDict:
     optim.weight_decay = 0.0
 
     config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.method = "pc"              # "pc" (predictor-corrector)
-    sampling.steps = 0                  # 0: sde.N steps
+    sampling.method = "pc"              # "pc" | "ode" | "ddim" | "dpm_solver" | "edm"
+    sampling.steps = 0                  # 0: the sampler's default (pc: sde.N; ddim 50,
+                                        # dpm_solver 20, edm 18); unused by "ode" (adaptive)
     sampling.predictor = "euler_maruyama"  # | "reverse_diffusion" | "ancestral" | "none"
     sampling.corrector = "none"         # "langevin" | "ald" | "none"
     sampling.snr = 0.16
     sampling.n_steps_each = 1           # corrector steps per predictor step
-    sampling.noise_removal = True
+    sampling.noise_removal = True       # end with E[x_0 | x_eps] (EDM: its last step to 0)
+    sampling.order = 2                  # dpm_solver: 1, 2 or 3 (DPM-Solver++ 2M / 3M)
+    sampling.eta = 0.0                  # ddim: 0 deterministic, 1 DDPM-like noise
+    sampling.rho = 7.0                  # edm: time-step exponent
+    sampling.s_churn = 0.0              # edm: stochasticity (0 = deterministic Heun)
+    sampling.rtol = 1e-5                # ode: adaptive solver tolerances (score_sde)
+    sampling.atol = 1e-5
+    sampling.ode_solver = "tsit5"       # ode: "tsit5" | "dopri5"
     sampling.eps = 1e-3
     sampling.batch_size = 64
     sampling.num_samples = 64
@@ -84,4 +94,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.batch_size = 256
     evaluation.num_batches = 20
+    evaluation.enable_bpd = True        # likelihood through the probability-flow ODE
+    evaluation.bpd_num_batches = 1      # batches of eval.batch_size from the eval split
+    evaluation.bpd_divergence = "hutchinson_rademacher"  # | "hutchinson_gaussian" | "exact"
+    evaluation.likelihood_eps = 1e-5
+    evaluation.likelihood_rtol = 1e-5
+    evaluation.likelihood_atol = 1e-5
     return config

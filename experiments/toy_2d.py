@@ -41,6 +41,8 @@ def get_config(arg: str | None = None):
     config.sampling.num_samples = 5000
     config.eval.batch_size = 1000
     config.eval.num_batches = 10
+    config.eval.bpd_divergence = "exact"      # 2-D: the Jacobian trace costs two JVPs
+    config.eval.bpd_num_batches = 2
 
     if arg == "smoke":
         config.model.hidden = 32

@@ -50,6 +50,31 @@ def test_smoke_variant_trains_samples_and_evaluates(name, tmp_path):
     assert np.isfinite(record["eval_loss"])
     if config.data.dataset == "gmm":
         assert record["sliced_wasserstein"] >= 0.0
+    likelihood_key = "bpd" if len(data_shape) == 3 else "nll"
+    assert np.isfinite(record[likelihood_key]) and record["likelihood_nfe"] > 0
+    if likelihood_key == "bpd":   # an untrained model is far from the data, but not absurd
+        assert 0.0 < record["bpd"] < 100.0
+
+
+# (method, steps, expected NFE with noise removal), as written to the .npz by `train.sample`.
+SAMPLER_CASES = [("ddim", 5, 6), ("dpm_solver", 20, 21), ("edm", 0, 35), ("ode", 0, None),
+                 ("pc", 7, 7)]   # pc: the final denoising is its last predictor step
+
+
+def test_every_sampler_from_the_config(tmp_path):
+    config = importlib.import_module("experiments.toy_2d").get_config("smoke")
+    workdir = str(tmp_path)
+    train.train_and_evaluate(config, workdir)
+    for method, steps, expected_nfe in SAMPLER_CASES:
+        config.sampling.method, config.sampling.steps = method, steps
+        path = train.sample(config, workdir)
+        with np.load(path) as f:
+            samples, nfe = f["samples"], int(f["nfe"])
+        assert samples.shape == (config.sampling.num_samples, 2) and np.all(np.isfinite(samples))
+        assert nfe == expected_nfe if expected_nfe else nfe > 6, (method, nfe)
+    config.sampling.method = "heun"
+    with pytest.raises(ValueError, match="Unknown sampler 'heun'"):
+        train.sample(config, workdir)
 
 
 def test_command_line_train_then_sample(tmp_path):
@@ -60,9 +85,11 @@ def test_command_line_train_then_sample(tmp_path):
     out = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "steps/s" in out.stdout and "ETA" in out.stdout
-    out = subprocess.run(base + ["--mode=sample", "--config.sampling.steps=5"], capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(base + ["--mode=sample", "--config.sampling.method=dpm_solver",
+                                 "--config.sampling.steps=20"], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     samples = np.load(tmp_path / "samples" / "step_4.npz")["samples"]
     assert samples.shape == (64, 2) and np.all(np.isfinite(samples))
     assert (tmp_path / "samples" / "step_4.png").exists()
+    assert "NFE 21" in out.stdout   # 20 DPM-Solver++ steps + the final denoising evaluation

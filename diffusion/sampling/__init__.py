@@ -1,5 +1,17 @@
-"""Samplers: each takes (key, sde, score_fn, shape, ...) and returns (samples, nfe)."""
+"""Samplers: each takes (key, sde, score_fn, shape, ...) and returns (samples, nfe).
 
+- `pc_sample`: predictor-corrector sampling of the reverse SDE (pc.py).
+- `ode_sample`: the probability-flow ODE with an adaptive solver; `encode` / `decode` map data to
+  latents and back (ode.py).
+- `ddim_sample`, `dpm_solver_sample`, `edm_sample`: few-step solvers (solvers.py).
+"""
+
+from diffusion.sampling.ode import decode as decode
+from diffusion.sampling.ode import encode as encode
+from diffusion.sampling.ode import ode_sample as ode_sample
 from diffusion.sampling.pc import CORRECTORS as CORRECTORS
 from diffusion.sampling.pc import PREDICTORS as PREDICTORS
 from diffusion.sampling.pc import pc_sample as pc_sample
+from diffusion.sampling.solvers import ddim_sample as ddim_sample
+from diffusion.sampling.solvers import dpm_solver_sample as dpm_solver_sample
+from diffusion.sampling.solvers import edm_sample as edm_sample
