@@ -440,6 +440,9 @@ def eval_likelihood(exp: Experiment, config, params, mesh: Mesh) -> dict:
     log_likelihood_fn = exp.compiled[cache_key]
     bs = e.batch_size
     num_batches = min(e.bpd_num_batches, max(1, len(exp.dataset.eval) // bs))
+    print(f"likelihood of {num_batches * bs} eval examples through the probability-flow ODE "
+          f"({e.bpd_divergence} divergence, rtol {e.likelihood_rtol}); set "
+          f"eval.enable_bpd=False to skip", flush=True)
     key = _base_key(config.seed, "likelihood")
     sharding = NamedSharding(mesh, P(DATA_AXIS))
     logps, nfe = [], 0
