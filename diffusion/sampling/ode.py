@@ -6,8 +6,9 @@ shares its marginals p_t with the forward SDE, so integrating it from a prior sa
 eps gives a sample of p_eps (`ode_sample`), and integrating it from data at eps up to T gives the
 data's latent code (`encode`); `decode` is the inverse map. The solver is an explicit Runge-Kutta
 pair (Tsitouras 5(4) by default, or Dormand-Prince 5(4), the RK45 that score_sde used through
-scipy) with a PID step-size controller; the whole batch shares one adaptive step, whose error is
-the RMS norm over all its elements, as in score_sde.
+scipy) with diffrax's PID step-size controller at its default coefficients (pcoeff 0, icoeff 1,
+dcoeff 0: the classical integral controller that scipy's RK45 uses as well); the whole batch
+shares one adaptive step, whose error is the RMS norm over all its elements, as in score_sde.
 
 Network evaluations. Both pairs are first-same-as-last with 7 stages: each attempted step (accepted
 or rejected) costs 6 evaluations, plus one at the start, so NFE = 6 * num_steps + 1 exactly
