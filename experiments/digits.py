@@ -6,10 +6,10 @@ reverse-SDE Euler-Maruyama predictor (1,000 steps).
 
     python scripts/run.py --config experiments/digits.py --workdir runs/digits
 
-On 2 CPU cores (2.2-2.6 steps/s on the AMD EPYC development machine) this trains 1,200 steps in
-about 10 minutes, loss about 0.085 and EMA eval loss 0.078 at the end, and writes sample grids of recognisable digits to
-runs/digits/samples/train_step_600.png and train_step_1200.png. Then sample again from the EMA
-checkpoint with a fast sampler, or measure bits/dim on the eval split:
+On 2 CPU cores (2.2-2.6 steps/s on the AMD EPYC development machine) this trains 1,200 steps
+in about 10 minutes (loss about 0.085, EMA eval loss 0.078 at the end) and writes grids of
+recognisable digits to runs/digits/samples/train_step_600.png and train_step_1200.png. Then
+sample again from the EMA checkpoint with a fast sampler, or measure bits/dim on the eval split:
 
     python scripts/run.py --config experiments/digits.py --workdir runs/digits --mode sample \
         --config.sampling.method=dpm_solver --config.sampling.steps=20
