@@ -101,7 +101,10 @@ def _dpm_update(order: int, x, m, lam, alpha_s, sigma_s, sigma_t, h):
     """One DPM-Solver++ multistep update of the given order from t to s (lambda_s - lambda_t = h).
 
     m = (m0, m1, m2): data predictions at the current and the two previous grid times, with
-    log-SNRs lam = (lam0, lam1, lam2).
+    log-SNRs lam = (lam0, lam1, lam2). The exact solution is x_s = sigma_s / sigma_t x + alpha_s
+    (-phi1 D + h phi2 D' - h^2 phi3 D'' + ...) with D^(n) = d^n D / dlambda^n at lambda_t; d1 and
+    d2 estimate h D' and h^2 D'' from divided differences (d2 includes the factor 2 of the second
+    difference, without which the third-order update is only second order locally).
     """
     m0, m1, m2 = m
     phi1 = jnp.expm1(-h)                      # e^{-h} - 1
