@@ -13,6 +13,6 @@ from experiments import vp_cifar
 
 
 def get_config(arg: str | None = None):
-    config = vp_cifar.get_config()
+    config = vp_cifar.get_config("deep" if arg == "deep" else None)
     config.sde.name = "subvpsde"
     return vp_cifar.smoke(config) if arg == "smoke" else vp_cifar._no_variant(config, arg)

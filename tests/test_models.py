@@ -288,12 +288,13 @@ def test_get_model_passes_only_fields_and_tuples():
     assert jax.eval_shape(run).shape == x.shape
     mlp = models.get_model(_config(name="mlp", hidden=32, n_layers=2))
     assert isinstance(mlp, models.MLP) and mlp.hidden == 32 and mlp.n_layers == 2
-    assert models.MODELS == {"mlp": models.MLP, "unet": models.UNet}
+    assert models.MODELS == {"mlp": models.MLP, "unet": models.UNet, "ncsnpp": models.NCSNpp,
+                             "ddpmpp": models.NCSNpp}
 
 
 def test_get_model_unknown_name():
     with pytest.raises(ValueError, match=r"Unknown model 'resnet': config.model.name must be one "
-                                         r"of \['mlp', 'unet'\]"):
+                                         r"of \['ddpmpp', 'mlp', 'ncsnpp', 'unet'\]"):
         models.get_model(_config(name="resnet"))
 
 

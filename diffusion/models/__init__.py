@@ -20,6 +20,7 @@ from .layers import ResnetBlock as ResnetBlock
 from .layers import Upsample as Upsample
 from .layers import sinusoidal_embedding as sinusoidal_embedding
 from .mlp import MLP as MLP
+from .ncsnpp import NCSNpp as NCSNpp
 from .parameterization import NOISE_INPUTS as NOISE_INPUTS
 from .parameterization import PARAMETERIZATIONS as PARAMETERIZATIONS
 from .parameterization import make_score_model as make_score_model
@@ -29,6 +30,8 @@ from .unet import UNet as UNet
 MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "unet": UNet,
+    "ncsnpp": NCSNpp,
+    "ddpmpp": NCSNpp,
 }
 
 

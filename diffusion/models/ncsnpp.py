@@ -1,0 +1,477 @@
+"""NCSN++ and DDPM++ score networks (Song et al. 2021, "Score-Based Generative Modeling through
+Stochastic Differential Equations", section 4.4 and appendix H).
+
+One class, `NCSNpp`, covers both: DDPM++ is NCSN++ without FIR resampling, without the
+progressive input / output pyramids and with a positional (rather than random Fourier) noise
+embedding. The options and their names follow the `config.model` keys of the score_sde code:
+
+    resblock_type      "ddpm" (resample with separate layers) | "biggan" (resample inside blocks)
+    fir                FIR (StyleGAN2 upfirdn2d) resampling with `fir_kernel`, else nearest / avg
+    progressive        output pyramid: "none" | "output_skip" | "residual"
+    progressive_input  input pyramid: "none" | "input_skip" | "residual"
+    progressive_combine  how "input_skip" joins the pyramid: "sum" | "cat"
+    embedding_type     "positional" (sinusoidal of t) | "fourier" (Gaussian Fourier features of t)
+
+The paper's CIFAR-10 models (score_sde configs `vp/cifar10_ddpmpp_continuous.py`,
+`vp/cifar10_ddpmpp_deep_continuous.py`, `ve/cifar10_ncsnpp_continuous.py`,
+`ve/cifar10_ncsnpp_deep_continuous.py`) are in `PRESETS`; all have nf=128, ch_mult=(1, 2, 2, 2),
+attn_resolutions=(16,), dropout=0.1, resamp_with_conv, skip_rescale, BigGAN blocks, init_scale 0:
+
+    preset              num_res_blocks  fir    progressive  progressive_input  embedding_type
+    ddpmpp_cont         4               False  none         none               positional
+    ddpmpp_deep_cont    8               False  none         none               positional
+    ncsnpp_cont         4               True   none         residual           fourier
+    ncsnpp_deep_cont    8               True   none         residual           fourier
+
+Inputs are taken as given: centring / scaling of x, the choice of t (e.g. 999 * time for the
+positional embedding, log sigma for the Fourier one) and any division by sigma (score_sde's
+`scale_by_sigma`) are the caller's concern.
+
+Shapes: x (B, H, W, C) NHWC, t (B,), optional labels y (B,) int; output (B, H, W, C).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion.models.layers import (
+    GaussianFourierProjection,
+    ResnetBlock,
+    conv3x3,
+    default_init,
+    group_norm,
+    label_embedding,
+    sinusoidal_embedding,
+)
+
+Array = jax.Array
+
+RESBLOCK_TYPES = ("ddpm", "biggan")
+PROGRESSIVE = ("none", "output_skip", "residual")
+PROGRESSIVE_INPUT = ("none", "input_skip", "residual")
+PROGRESSIVE_COMBINE = ("sum", "cat")
+EMBEDDING_TYPES = ("positional", "fourier")
+
+_COMMON = dict(nf=128, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,), dropout=0.1,
+               resamp_with_conv=True, fir_kernel=(1, 3, 3, 1), skip_rescale=True,
+               resblock_type="biggan", progressive_combine="sum", init_scale=0.0,
+               fourier_scale=16.0, conditional=True)
+
+# Unsure: the brief given to this module said NCSN++ cont. uses progressive="output_skip"; the
+# score_sde CIFAR-10 VE configs (as remembered here) and the paper's appendix H architecture
+# table use progressive="none" with progressive_input="residual" for CIFAR-10, output_skip only
+# for the high-resolution (CelebA-HQ / FFHQ) models. "none" is used below. Dropout 0.1 comes
+# from score_sde's default CIFAR-10 config (not restated in the paper).
+PRESETS: dict[str, dict] = {
+    "ddpmpp_cont": dict(_COMMON, num_res_blocks=4, fir=False, progressive="none",
+                        progressive_input="none", embedding_type="positional"),
+    "ddpmpp_deep_cont": dict(_COMMON, num_res_blocks=8, fir=False, progressive="none",
+                             progressive_input="none", embedding_type="positional"),
+    "ncsnpp_cont": dict(_COMMON, num_res_blocks=4, fir=True, progressive="none",
+                        progressive_input="residual", embedding_type="fourier"),
+    "ncsnpp_deep_cont": dict(_COMMON, num_res_blocks=8, fir=True, progressive="none",
+                             progressive_input="residual", embedding_type="fourier"),
+}
+
+
+# ----------------------------------------------------------------------------- FIR resampling
+
+
+def fir_kernel_2d(k) -> np.ndarray:
+    """1-D taps (K,) -> normalised separable 2-D kernel (K, K) (outer product, sums to 1);
+    a 2-D kernel is only normalised."""
+    k = np.asarray(k, np.float32)
+    if k.ndim == 1:
+        k = np.outer(k, k)
+    return k / np.sum(k)
+
+
+def upfirdn2d(x: Array, k, up: int = 1, down: int = 1, pad: tuple[int, int] = (0, 0)) -> Array:
+    """StyleGAN2's upfirdn2d on NHWC: upsample by zero insertion, pad, FIR-filter, downsample.
+
+    Args:
+      x: (B, H, W, C).
+      k: (K, K) 2-D FIR kernel, applied to every channel (depthwise true convolution).
+      up: zero-insertion factor (up - 1 zeros after every sample, as StyleGAN2).
+      down: keep every down-th sample after filtering.
+      pad: (before, after) padding of both spatial axes after upsampling; negative crops.
+
+    Returns:
+      (B, H', W', C) with H' = (H * up + pad[0] + pad[1] - K) // down + 1 (same for W).
+    """
+    b, height, width, c = x.shape
+    k = jnp.asarray(k, x.dtype)
+    if up > 1:
+        x = x.reshape(b, height, 1, width, 1, c)
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, up - 1), (0, 0), (0, up - 1), (0, 0)))
+        x = x.reshape(b, height * up, width * up, c)
+    p0, p1 = pad
+    x = jnp.pad(x, ((0, 0), (max(p0, 0), max(p1, 0)), (max(p0, 0), max(p1, 0)), (0, 0)))
+    x = x[:, max(-p0, 0):x.shape[1] - max(-p1, 0), max(-p0, 0):x.shape[2] - max(-p1, 0), :]
+    kernel = jnp.broadcast_to(jnp.flip(k)[:, :, None, None], (*k.shape, 1, c))
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(down, down), padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+
+
+def fir_upsample(x: Array, k=(1, 3, 3, 1), factor: int = 2) -> Array:
+    """FIR upsampling (StyleGAN2 upsample_2d): (B, H, W, C) -> (B, factor H, factor W, C).
+
+    The kernel is scaled by factor^2, so a constant image stays constant (away from the border,
+    where the zero padding is felt).
+    """
+    k2 = fir_kernel_2d(k) * factor ** 2
+    p = k2.shape[0] - factor
+    return upfirdn2d(x, k2, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
+
+
+def fir_downsample(x: Array, k=(1, 3, 3, 1), factor: int = 2) -> Array:
+    """FIR anti-aliased downsampling (StyleGAN2 downsample_2d): (B, H, W, C) ->
+    (B, H / factor, W / factor, C)."""
+    k2 = fir_kernel_2d(k)
+    p = k2.shape[0] - factor
+    return upfirdn2d(x, k2, down=factor, pad=((p + 1) // 2, p // 2))
+
+
+def naive_upsample(x: Array, factor: int = 2) -> Array:
+    """Nearest-neighbour upsampling: (B, H, W, C) -> (B, factor H, factor W, C)."""
+    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+def naive_downsample(x: Array, factor: int = 2) -> Array:
+    """Average pooling: (B, H, W, C) -> (B, H / factor, W / factor, C)."""
+    return nn.avg_pool(x, (factor, factor), strides=(factor, factor))
+
+
+class FIRConv(nn.Module):
+    """k x k convolution fused with FIR upsampling or downsampling by 2 (StyleGAN2's
+    upsample_conv_2d / conv_downsample_2d), with a bias.
+
+    up: transposed convolution with stride 2 (zero insertion + full convolution, (2H + k - 2)
+    pixels), then the FIR filter (x4 gain) cropping back to 2H. down: the FIR filter, then a
+    stride-2 "VALID" convolution, giving H / 2.
+    """
+
+    features: int
+    kernel_size: int = 3
+    up: bool = False
+    down: bool = False
+    fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+    init_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x (B, H, W, Cin) -> (B, H', W', features); H' = 2H (up), H / 2 (down) or H."""
+        ks = self.kernel_size
+        w = self.param("kernel", default_init(self.init_scale),
+                       (ks, ks, x.shape[-1], self.features), jnp.float32)
+        w = jnp.asarray(w, x.dtype)
+        dn = ("NHWC", "HWIO", "NHWC")
+        k2 = fir_kernel_2d(self.fir_kernel)
+        if self.up:
+            x = jax.lax.conv_general_dilated(x, w, (1, 1), ((ks - 1, ks - 1), (ks - 1, ks - 1)),
+                                             lhs_dilation=(2, 2), dimension_numbers=dn)
+            p = (k2.shape[0] - 2) - (ks - 1)
+            x = upfirdn2d(x, k2 * 4, pad=((p + 1) // 2 + 1, p // 2 + 1))
+        elif self.down:
+            p = (k2.shape[0] - 2) + (ks - 1)
+            x = upfirdn2d(x, k2, pad=((p + 1) // 2, p // 2))
+            x = jax.lax.conv_general_dilated(x, w, (2, 2), "VALID", dimension_numbers=dn)
+        else:
+            pad = ((ks // 2, ks // 2), (ks // 2, ks // 2))
+            x = jax.lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=dn)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        return x + jnp.asarray(bias, x.dtype)[None, None, None, :]
+
+
+def _conv1x1(features: int, init_scale: float = 1.0, name: str | None = None) -> nn.Conv:
+    return nn.Conv(features, (1, 1), kernel_init=default_init(init_scale), name=name)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class Upsample(nn.Module):
+    """x2 upsampling: FIR or nearest, with (or without) a 3x3 conv to `out_ch` channels."""
+
+    out_ch: int | None = None
+    with_conv: bool = False
+    fir: bool = False
+    fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x (B, H, W, C) -> (B, 2H, 2W, out_ch or C); without conv the channels stay C."""
+        out_ch = self.out_ch or x.shape[-1]
+        if self.fir:
+            if self.with_conv:
+                return FIRConv(out_ch, up=True, fir_kernel=self.fir_kernel)(x)
+            return fir_upsample(x, self.fir_kernel)
+        h = naive_upsample(x)
+        return conv3x3(out_ch)(h) if self.with_conv else h
+
+
+class Downsample(nn.Module):
+    """/2 downsampling: FIR (+ fused 3x3 conv) or stride-2 3x3 conv / 2x2 average pooling."""
+
+    out_ch: int | None = None
+    with_conv: bool = False
+    fir: bool = False
+    fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x (B, H, W, C) -> (B, H/2, W/2, out_ch or C); without conv the channels stay C."""
+        out_ch = self.out_ch or x.shape[-1]
+        if self.fir:
+            if self.with_conv:
+                return FIRConv(out_ch, down=True, fir_kernel=self.fir_kernel)(x)
+            return fir_downsample(x, self.fir_kernel)
+        return conv3x3(out_ch, stride=2)(x) if self.with_conv else naive_downsample(x)
+
+
+class Combine(nn.Module):
+    """Joins a pyramid image with features: 1x1 conv of the pyramid to h's channels, then sum
+    or concatenation ("cat" doubles the channels)."""
+
+    method: str = "cat"
+
+    @nn.compact
+    def __call__(self, pyramid: Array, h: Array) -> Array:
+        """pyramid (B, H, W, C'), h (B, H, W, C) -> (B, H, W, C) ("sum") or (B, H, W, 2C)."""
+        p = _conv1x1(h.shape[-1])(pyramid)
+        if self.method == "cat":
+            return jnp.concatenate([p, h], axis=-1)
+        if self.method == "sum":
+            return p + h
+        raise ValueError(f"Unknown progressive_combine {self.method!r}: must be one of "
+                         f"{list(PROGRESSIVE_COMBINE)}.")
+
+
+class AttnBlockpp(nn.Module):
+    """Single-head self-attention over the H*W positions with a residual connection; the output
+    projection is initialised with `init_scale` (0: the block starts as the identity)."""
+
+    skip_rescale: bool = False
+    init_scale: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x (B, H, W, C) -> (B, H, W, C)."""
+        b, height, width, c = x.shape
+        h = group_norm(x).reshape(b, height * width, c)
+        q, k, v = (nn.Dense(c, kernel_init=default_init(), name=n)(h) for n in ("q", "k", "v"))
+        weights = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) / math.sqrt(c), axis=-1)
+        h = jnp.einsum("bij,bjc->bic", weights, v)
+        h = nn.Dense(c, kernel_init=default_init(self.init_scale), name="proj_out")(h)
+        out = x + h.reshape(b, height, width, c)
+        return out / math.sqrt(2.0) if self.skip_rescale else out
+
+
+class ResnetBlockBigGAN(nn.Module):
+    """BigGAN-style residual block, optionally resampling (x2 up or /2 down) inside the block.
+
+    h = GN -> SiLU -> [resample] -> conv3x3 -> + Dense(SiLU(temb)) -> GN -> SiLU -> dropout ->
+    conv3x3 (init_scale); skip = [resample] x, then a 1x1 conv if the channels change or the block
+    resamples; out = (skip + h) / sqrt(2) if skip_rescale. Resampling is FIR (`fir`) or
+    nearest / 2x2 average pooling.
+    """
+
+    out_ch: int | None = None
+    up: bool = False
+    down: bool = False
+    dropout: float = 0.1
+    fir: bool = False
+    fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+    skip_rescale: bool = True
+    init_scale: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, temb: Array | None = None, train: bool = False) -> Array:
+        """x (B, H, W, C), temb (B, E) or None -> (B, H', W', out_ch), H' = 2H, H / 2 or H."""
+        channels = x.shape[-1]
+        out_ch = self.out_ch or channels
+        h = nn.silu(group_norm(x))
+        if self.up:
+            resample = ((lambda a: fir_upsample(a, self.fir_kernel)) if self.fir
+                        else naive_upsample)
+        elif self.down:
+            resample = ((lambda a: fir_downsample(a, self.fir_kernel)) if self.fir
+                        else naive_downsample)
+        else:
+            resample = None
+        if resample is not None:
+            h, x = resample(h), resample(x)
+        h = conv3x3(out_ch)(h)
+        if temb is not None:
+            h = h + nn.Dense(out_ch, kernel_init=default_init())(nn.silu(temb))[:, None, None, :]
+        h = nn.silu(group_norm(h))
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = conv3x3(out_ch, init_scale=self.init_scale)(h)
+        if channels != out_ch or resample is not None:
+            x = _conv1x1(out_ch, name="skip")(x)
+        return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
+
+
+# ----------------------------------------------------------------------------- network
+
+
+class NCSNpp(nn.Module):
+    """NCSN++ / DDPM++ U-Net (Song et al. 2021); see the module docstring for the options.
+
+    Layout: noise embedding of t ("positional": sinusoidal, nf dims; "fourier": Gaussian Fourier
+    features, 2 nf dims as score_sde), then Dense -> SiLU -> Dense to 4 nf (if `conditional`),
+    plus a label embedding when `num_classes` is set. conv3x3 to nf; per level i,
+    num_res_blocks residual blocks with nf * ch_mult[i] channels, each followed by attention at
+    attn_resolutions, then (except at the last level) a downsampling (Downsample layer for
+    "ddpm" blocks, a down BigGAN block for "biggan"), joined by the input pyramid if any. Middle
+    block-attention-block. Up path: per level num_res_blocks + 1 blocks on the concatenation
+    with the matching down activation, attention once at attn_resolutions, the output pyramid,
+    then upsampling. Output: the output_skip pyramid, or GN -> SiLU -> conv3x3 (init_scale).
+
+    Attributes: named as score_sde's config.model keys (see the module docstring).
+      num_classes: if set, y (B,) int labels in [0, num_classes] (num_classes is the null label;
+        y=None means all null) are embedded and added to the noise embedding.
+    """
+
+    nf: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 4
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+    fir: bool = False
+    fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+    skip_rescale: bool = True
+    resblock_type: str = "biggan"
+    progressive: str = "none"
+    progressive_input: str = "none"
+    progressive_combine: str = "sum"
+    embedding_type: str = "positional"
+    fourier_scale: float = 16.0
+    init_scale: float = 0.0
+    conditional: bool = True
+    num_classes: int | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, t: Array, y: Array | None = None, train: bool = False) -> Array:
+        """x (B, H, W, C), t (B,) noise conditioning, y (B,) int labels or None -> (B, H, W, C).
+
+        H and W must be divisible by 2 ** (len(ch_mult) - 1).
+        """
+        self._check(x)
+        nf, num_levels = self.nf, len(self.ch_mult)
+        fir = dict(fir=self.fir, fir_kernel=tuple(self.fir_kernel))
+
+        temb = None
+        if self.conditional:
+            if self.embedding_type == "fourier":
+                temb = GaussianFourierProjection(embed_dim=2 * nf, scale=self.fourier_scale)(t)
+            else:
+                temb = sinusoidal_embedding(t, nf)
+            temb = nn.Dense(4 * nf, kernel_init=default_init())(temb)
+            temb = nn.Dense(4 * nf, kernel_init=default_init())(nn.silu(temb))
+        if self.num_classes is not None:
+            labels = label_embedding(y, self.num_classes, 4 * nf, x.shape[0])
+            temb = labels if temb is None else temb + labels
+
+        def resnet(h, out_ch=None, up=False, down=False):
+            if self.resblock_type == "ddpm":
+                block = ResnetBlock(out_ch, dropout=self.dropout, skip_rescale=self.skip_rescale,
+                                    init_scale=self.init_scale)
+            else:
+                block = ResnetBlockBigGAN(out_ch, up=up, down=down, dropout=self.dropout,
+                                          skip_rescale=self.skip_rescale,
+                                          init_scale=self.init_scale, **fir)
+            return block(h, temb, train)
+
+        def attend(h):
+            return AttnBlockpp(skip_rescale=self.skip_rescale, init_scale=self.init_scale)(h)
+
+        def rescaled_sum(a, b):
+            return (a + b) / math.sqrt(2.0) if self.skip_rescale else a + b
+
+        # Down path; every activation in `hs` feeds one up-path block.
+        input_pyramid = x if self.progressive_input != "none" else None
+        hs = [conv3x3(nf)(x)]
+        for level in range(num_levels):
+            for _ in range(self.num_res_blocks):
+                h = resnet(hs[-1], nf * self.ch_mult[level])
+                if h.shape[1] in self.attn_resolutions:
+                    h = attend(h)
+                hs.append(h)
+            if level != num_levels - 1:
+                if self.resblock_type == "ddpm":
+                    h = Downsample(with_conv=self.resamp_with_conv, **fir)(hs[-1])
+                else:
+                    h = resnet(hs[-1], down=True)
+                if self.progressive_input == "input_skip":
+                    input_pyramid = Downsample(with_conv=False, **fir)(input_pyramid)
+                    h = Combine(self.progressive_combine)(input_pyramid, h)
+                elif self.progressive_input == "residual":
+                    input_pyramid = Downsample(h.shape[-1], with_conv=True, **fir)(input_pyramid)
+                    h = input_pyramid = rescaled_sum(input_pyramid, h)
+                hs.append(h)
+
+        # Middle.
+        h = resnet(hs[-1])
+        h = attend(h)
+        h = resnet(h)
+
+        # Up path.
+        pyramid = None
+        for level in reversed(range(num_levels)):
+            for _ in range(self.num_res_blocks + 1):
+                h = resnet(jnp.concatenate([h, hs.pop()], axis=-1), nf * self.ch_mult[level])
+            if h.shape[1] in self.attn_resolutions:
+                h = attend(h)
+
+            if self.progressive == "output_skip":
+                out = conv3x3(x.shape[-1], init_scale=self.init_scale)(nn.silu(group_norm(h)))
+                if pyramid is None:
+                    pyramid = out
+                else:
+                    pyramid = Upsample(with_conv=False, **fir)(pyramid) + out
+            elif self.progressive == "residual":
+                if pyramid is None:
+                    pyramid = conv3x3(h.shape[-1])(nn.silu(group_norm(h)))
+                else:
+                    pyramid = Upsample(h.shape[-1], with_conv=True, **fir)(pyramid)
+                    h = pyramid = rescaled_sum(pyramid, h)
+
+            if level != 0:
+                if self.resblock_type == "ddpm":
+                    h = Upsample(with_conv=self.resamp_with_conv, **fir)(h)
+                else:
+                    h = resnet(h, up=True)
+        assert not hs
+
+        if self.progressive == "output_skip":
+            return pyramid
+        h = nn.silu(group_norm(h))
+        return conv3x3(x.shape[-1], init_scale=self.init_scale)(h)
+
+    def _check(self, x: Array) -> None:
+        for value, allowed, key in ((self.resblock_type, RESBLOCK_TYPES, "resblock_type"),
+                                    (self.progressive, PROGRESSIVE, "progressive"),
+                                    (self.progressive_input, PROGRESSIVE_INPUT,
+                                     "progressive_input"),
+                                    (self.progressive_combine, PROGRESSIVE_COMBINE,
+                                     "progressive_combine"),
+                                    (self.embedding_type, EMBEDDING_TYPES, "embedding_type")):
+            if value not in allowed:
+                raise ValueError(f"Unknown {key} {value!r}: must be one of {list(allowed)}.")
+        if x.ndim != 4:
+            raise ValueError(f"NCSNpp expects images shaped (B, H, W, C); got shape {x.shape}.")
+        factor = 2 ** (len(self.ch_mult) - 1)
+        height, width = x.shape[1:3]
+        if height % factor or width % factor:
+            raise ValueError(
+                f"NCSNpp with ch_mult={tuple(self.ch_mult)} halves the image "
+                f"{len(self.ch_mult) - 1} times, so height and width must be divisible by "
+                f"{factor}; got {height}x{width}.")

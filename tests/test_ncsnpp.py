@@ -1,0 +1,220 @@
+"""Tests of diffusion/models/ncsnpp.py: the NCSN++ / DDPM++ networks and FIR resampling.
+
+Full-size networks are only traced (`jax.eval_shape`) except in the slow test; behaviour is
+checked at reduced width (nf=16, ch_mult=(1, 2), one block per level, attention at 8x8 on
+16x16x3 images) with random parameters, since the zero-initialised last layers make the
+output exactly 0 at init.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from diffusion import models
+from diffusion.models import ncsnpp
+from diffusion.models.ncsnpp import NCSNpp
+
+TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
+
+# Published sizes (Song et al. 2021, CIFAR-10 models; as recalled: DDPM++ cont. ~62M,
+# NCSN++ cont. ~63M, the "deep" variants with 8 blocks per resolution ~108M). The counts
+# measured here are 61.80M, 62.76M, 106.63M and 107.59M (score_sde's Fourier frequencies W, 128
+# numbers, are a stop-gradient parameter there and a constant here).
+PUBLISHED = {"ddpmpp_cont": 62e6, "ddpmpp_deep_cont": 108e6,
+             "ncsnpp_cont": 63e6, "ncsnpp_deep_cont": 108e6}
+MEASURED = {"ddpmpp_cont": 61_804_419, "ddpmpp_deep_cont": 106_632_579,
+            "ncsnpp_cont": 62_758_787, "ncsnpp_deep_cont": 107_586_947}
+
+
+def _random_params(net, *args, seed=0, scale=0.3, **kwargs):
+    """Parameters of `net` with every leaf drawn from N(0, scale^2), so no layer is zero."""
+    shapes = jax.eval_shape(net.init, jax.random.key(0), *args, **kwargs)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype),
+                        shapes)
+
+
+def _count(tree) -> int:
+    return sum(p.size for p in jax.tree.leaves(tree))
+
+
+def _inputs(shape, key=0):
+    kx, kt = jax.random.split(jax.random.key(key))
+    return jax.random.normal(kx, shape), jax.random.uniform(kt, (shape[0],), minval=-2.0,
+                                                            maxval=3.0)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize("preset", sorted(ncsnpp.PRESETS))
+def test_parameter_count_matches_published(preset):
+    net = NCSNpp(**ncsnpp.PRESETS[preset])
+    shapes = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                            jnp.ones((1,)))
+    n = _count(shapes["params"])
+    assert n == MEASURED[preset]
+    assert abs(n / PUBLISHED[preset] - 1) < 0.03
+
+
+def test_get_model_builds_ncsnpp_and_ddpmpp():
+    for name, preset in (("ddpmpp", "ddpmpp_cont"), ("ncsnpp", "ncsnpp_cont")):
+        cfg = dict(ncsnpp.PRESETS[preset], name=name, ema_rate=0.9999)
+        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+        net = models.get_model(ml_collections.ConfigDict({"model": cfg}))
+        assert isinstance(net, NCSNpp)
+        assert net.fir == ncsnpp.PRESETS[preset]["fir"]
+        assert net.ch_mult == (1, 2, 2, 2)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+# Between them these use every option value: both block types, FIR and plain resampling, the
+# three output and three input pyramids, both combine methods and both embeddings. ddpm blocks
+# with plain resampling and no pyramids are the network of the class-conditioning test.
+VARIANTS = [
+    # resblock, fir, progressive, progressive_input, combine, embedding
+    ("ddpm", True, "output_skip", "input_skip", "sum", "fourier"),
+    ("biggan", True, "none", "residual", "sum", "fourier"),       # NCSN++ (CIFAR-10)
+    ("biggan", True, "residual", "input_skip", "cat", "positional"),
+    ("biggan", False, "none", "none", "sum", "positional"),       # DDPM++
+]
+
+
+def _tiny(resblock, fir, progressive, progressive_input, combine, embedding, **kwargs):
+    return NCSNpp(**dict(TINY, **kwargs), resblock_type=resblock, fir=fir, progressive=progressive,
+                  progressive_input=progressive_input, progressive_combine=combine,
+                  embedding_type=embedding)
+
+
+# Eager (op-by-op) execution compiles every primitive separately, which costs seconds on CPU:
+# jit == eager is checked on the variant that uses every FIR layer (upfirdn2d up and down,
+# FIRConv up and down) and both skip pyramids.
+EAGER = {0}
+
+
+@pytest.mark.parametrize("index", range(len(VARIANTS)),
+                         ids=["-".join(map(str, v)) for v in VARIANTS])
+def test_forward_shape_finite_and_jit_matches_eager(index):
+    net = _tiny(*VARIANTS[index])
+    x, t = _inputs((2, 16, 16, 3))
+    params = _random_params(net, x, t)
+    out = jax.jit(net.apply)({"params": params}, x, t)
+    assert out.shape == x.shape
+    assert bool(jnp.all(jnp.isfinite(out)))
+    assert float(jnp.std(out)) > 0
+    if index in EAGER:
+        np.testing.assert_allclose(net.apply({"params": params}, x, t), out, rtol=2e-4,
+                                   atol=2e-4)
+
+
+def test_invalid_options_and_sizes_raise():
+    net = _tiny(*VARIANTS[1])
+    x, t = _inputs((2, 16, 16, 3))
+    with pytest.raises(ValueError, match="progressive"):
+        jax.eval_shape(NCSNpp(**TINY, progressive="bogus").init, jax.random.key(0), x, t)
+    with pytest.raises(ValueError, match="divisible"):
+        jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 9, 9, 3)), t[:1])
+
+
+def test_class_conditioning_and_unconditional():
+    net = NCSNpp(**TINY, resblock_type="ddpm", num_classes=10, conditional=False)
+    x, t = _inputs((2, 16, 16, 3))
+    y = jnp.array([1, 7])
+    params = _random_params(net, x, t, y)
+    apply = jax.jit(net.apply)
+    out_y = apply({"params": params}, x, t, y)
+    assert out_y.shape == x.shape
+    assert not np.allclose(apply({"params": params}, x, t, y[::-1]), out_y)
+    # conditional=False: t is ignored.
+    np.testing.assert_array_equal(apply({"params": params}, x, t + 1.0, y), out_y)
+
+
+def test_backward_finite_and_dropout_only_in_train_mode():
+    """Gradients of a training-mode loss (dropout on) are finite; dropout acts only in train."""
+    net = _tiny(*VARIANTS[1], dropout=0.5)
+    x, t = _inputs((2, 16, 16, 3))
+    params = _random_params(net, x, t, scale=0.1)
+
+    def loss(p, key):
+        out = net.apply({"params": p}, x, t, train=True, rngs={"dropout": key})
+        return jnp.sum(out ** 2), out
+
+    grad_fn = jax.jit(jax.grad(loss, has_aux=True))
+    grads, out_a = grad_fn(params, jax.random.key(1, impl="rbg"))  # rbg: fast to compile
+    leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]  # numpy: no per-shape compiles
+    assert all(np.isfinite(g).all() for g in leaves)
+    assert sum(np.abs(g).sum() for g in leaves) > 0
+    _, out_b = grad_fn(params, jax.random.key(2, impl="rbg"))
+    assert not np.allclose(out_a, out_b)
+
+    apply = jax.jit(net.apply)  # train=False: deterministic, no dropout rng needed
+    eval_out = apply({"params": params}, x, t)
+    np.testing.assert_array_equal(apply({"params": params}, x, t), eval_out)
+    assert not np.allclose(out_a, eval_out)
+
+
+# ----------------------------------------------------------------------------- FIR
+
+
+def test_fir_kernel_is_normalised_outer_product():
+    k = ncsnpp.fir_kernel_2d((1, 3, 3, 1))
+    np.testing.assert_allclose(k, np.outer([1, 3, 3, 1], [1, 3, 3, 1]) / 64.0)
+
+
+def test_fir_resampling_keeps_constants():
+    x = jnp.full((1, 16, 16, 2), 3.0)
+    up, down = ncsnpp.fir_upsample(x), ncsnpp.fir_downsample(x)
+    assert up.shape == (1, 32, 32, 2) and down.shape == (1, 8, 8, 2)
+    # Zero padding is felt only at the border.
+    np.testing.assert_allclose(up[:, 2:-2, 2:-2], 3.0, rtol=1e-6)
+    np.testing.assert_allclose(down[:, 1:-1, 1:-1], 3.0, rtol=1e-6)
+    for layer in (ncsnpp.Upsample(fir=True), ncsnpp.Downsample(fir=True)):
+        assert jax.tree.leaves(layer.init(jax.random.key(0), x)) == []
+
+
+def test_fir_down_then_up_of_smooth_image_is_close():
+    grid = np.arange(32) / 32.0
+    img = np.sin(2 * np.pi * grid)[:, None] * np.cos(2 * np.pi * grid)[None, :]
+    x = jnp.asarray(img, jnp.float32)[None, :, :, None]
+    back = ncsnpp.fir_upsample(ncsnpp.fir_downsample(x))
+    assert back.shape == x.shape
+    interior = (slice(None), slice(4, -4), slice(4, -4))
+    err = float(jnp.max(jnp.abs(back[interior] - x[interior])))
+    assert err < 0.1, err  # the filters are low-pass: a slow wave survives, slightly damped
+    np.testing.assert_allclose(back[interior], x[interior], atol=0.1)
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_fir_conv_with_identity_kernel_is_plain_fir_resampling(direction):
+    x = jax.random.normal(jax.random.key(0), (1, 8, 8, 2))
+    conv = ncsnpp.FIRConv(2, up=direction == "up", down=direction == "down")
+    w = np.zeros((3, 3, 2, 2), np.float32)
+    w[1, 1] = np.eye(2)
+    out = conv.apply({"params": {"kernel": w, "bias": np.zeros(2, np.float32)}}, x)
+    ref = ncsnpp.fir_upsample(x) if direction == "up" else ncsnpp.fir_downsample(x)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- slow
+
+
+@pytest.mark.slow
+def test_full_size_ddpmpp_forward_backward():
+    net = NCSNpp(**ncsnpp.PRESETS["ddpmpp_cont"])
+    x, _ = _inputs((2, 32, 32, 3))
+    t = jnp.array([10.0, 900.0])
+    variables = jax.jit(net.init)(jax.random.key(0), x, t)
+    assert _count(variables["params"]) == MEASURED["ddpmpp_cont"]
+
+    def loss(p):
+        out = net.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.key(1)})
+        return jnp.mean((out - x) ** 2), out
+
+    (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    assert out.shape == x.shape
+    assert np.isfinite(float(value))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
