@@ -160,10 +160,12 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, with a residual connection (DDPM).
 
     q, k, v and the output projection are 1x1 convolutions (Dense over channels); the output
-    projection starts at zero, so the block starts as the identity.
+    projection is initialised with `init_scale` (0, the default: the block starts as the
+    identity).
     """
 
     skip_rescale: bool = False
+    init_scale: float = 0.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -173,7 +175,7 @@ class AttnBlock(nn.Module):
         q, k, v = (nn.Dense(c, kernel_init=default_init(), name=n)(h) for n in ("q", "k", "v"))
         weights = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) / math.sqrt(c), axis=-1)
         h = jnp.einsum("bij,bjc->bic", weights, v)
-        h = nn.Dense(c, kernel_init=default_init(0.0), name="proj_out")(h)
+        h = nn.Dense(c, kernel_init=default_init(self.init_scale), name="proj_out")(h)
         out = x + h.reshape(b, height, width, c)
         return out / math.sqrt(2.0) if self.skip_rescale else out
 

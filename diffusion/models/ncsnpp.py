@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion.models.layers import (
+    AttnBlock,
     GaussianFourierProjection,
     ResnetBlock,
     conv3x3,
@@ -253,26 +254,6 @@ class Combine(nn.Module):
                          f"{list(PROGRESSIVE_COMBINE)}.")
 
 
-class AttnBlockpp(nn.Module):
-    """Single-head self-attention over the H*W positions with a residual connection; the output
-    projection is initialised with `init_scale` (0: the block starts as the identity)."""
-
-    skip_rescale: bool = False
-    init_scale: float = 0.0
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """x (B, H, W, C) -> (B, H, W, C)."""
-        b, height, width, c = x.shape
-        h = group_norm(x).reshape(b, height * width, c)
-        q, k, v = (nn.Dense(c, kernel_init=default_init(), name=n)(h) for n in ("q", "k", "v"))
-        weights = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) / math.sqrt(c), axis=-1)
-        h = jnp.einsum("bij,bjc->bic", weights, v)
-        h = nn.Dense(c, kernel_init=default_init(self.init_scale), name="proj_out")(h)
-        out = x + h.reshape(b, height, width, c)
-        return out / math.sqrt(2.0) if self.skip_rescale else out
-
-
 class ResnetBlockBigGAN(nn.Module):
     """BigGAN-style residual block, optionally resampling (x2 up or /2 down) inside the block.
 
@@ -391,7 +372,7 @@ class NCSNpp(nn.Module):
             return block(h, temb, train)
 
         def attend(h):
-            return AttnBlockpp(skip_rescale=self.skip_rescale, init_scale=self.init_scale)(h)
+            return AttnBlock(skip_rescale=self.skip_rescale, init_scale=self.init_scale)(h)
 
         def rescaled_sum(a, b):
             return (a + b) / math.sqrt(2.0) if self.skip_rescale else a + b
