@@ -31,6 +31,8 @@ _CACHE = flags.DEFINE_string(
     "compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "diffusion-jax"),
     "Persistent XLA compilation cache: a second run (or --mode sample after training) reuses "
     "the compiled programs. Empty disables it.")
+_CACHE_MIN_SECS = flags.DEFINE_float(
+    "compilation_cache_min_secs", 0.5, "Only programs that took longer to compile are cached.")
 
 
 def main(argv):
@@ -44,7 +46,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     if _CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", _CACHE_MIN_SECS.value)
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(),

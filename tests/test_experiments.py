@@ -81,7 +81,8 @@ def test_command_line_train_then_sample(tmp_path):
     """The README's entry point, as a user runs it (smoke size)."""
     base = [sys.executable, os.path.join(ROOT, "scripts", "run.py"),
             f"--config={os.path.join(ROOT, 'experiments', 'toy_2d.py')}:smoke",
-            f"--workdir={tmp_path}", f"--compilation_cache_dir={tmp_path / 'jax_cache'}"]
+            f"--workdir={tmp_path}", f"--compilation_cache_dir={tmp_path / 'jax_cache'}",
+            "--compilation_cache_min_secs=0"]
     out = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "steps/s" in out.stdout and "ETA" in out.stdout
