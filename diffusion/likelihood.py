@@ -27,15 +27,11 @@ import jax
 import jax.numpy as jnp
 
 from diffusion.sampling import ode
-from diffusion.sde import SDE, ScoreFn
+from diffusion.sde import SDE, ScoreFn, _sum_except_batch
 
 Array = jax.Array
 
 DIVERGENCES = ("exact", "hutchinson_gaussian", "hutchinson_rademacher")
-
-
-def _sum_except_batch(x: Array) -> Array:
-    return jnp.sum(x, axis=tuple(range(1, x.ndim)))
 
 
 def exact_divergence(fn, x: Array) -> tuple[Array, Array]:

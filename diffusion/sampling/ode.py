@@ -21,7 +21,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from diffusion.sde import SDE, ScoreFn
+from diffusion.sde import SDE, ScoreFn, batch_broadcast
 
 Array = jax.Array
 
@@ -109,5 +109,4 @@ def denoised(sde: SDE, score_fn: ScoreFn, x: Array, t: float) -> Array:
     """Tweedie's estimate E[x_0 | x_t] = (x + sigma(t)^2 score(x, t)) / alpha(t)."""
     t_batch = jnp.full((x.shape[0],), t, x.dtype)
     alpha, sigma = sde.marginal_coeffs(t_batch)
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    return (x + sigma.reshape(shape) ** 2 * score_fn(x, t_batch)) / alpha.reshape(shape)
+    return (x + batch_broadcast(sigma, x) ** 2 * score_fn(x, t_batch)) / batch_broadcast(alpha, x)
