@@ -182,13 +182,16 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     _check_config(config)
     sde = sde_lib.get_sde(**config.sde)
     net = models.get_model(config)
-    score_model = parameterization.make_score_model(
-        net, sde, parameterization=config.model.parameterization,
-        noise_input=config.model.noise_input, scale_input=config.model.scale_input)
+    make_score_model = functools.partial(
+        parameterization.make_score_model, net, sde,
+        parameterization=config.model.parameterization, noise_input=config.model.noise_input,
+        scale_input=config.model.scale_input)
+    # Mixed precision is for training: sampling and likelihoods use the float32 network.
+    score_model = make_score_model()
+    t = config.training
     loss_fn = losses.get_loss_fn(
-        sde, score_model, continuous=config.training.continuous,
-        reduce_mean=config.training.reduce_mean,
-        likelihood_weighting=config.training.likelihood_weighting, eps=config.training.eps)
+        sde, make_score_model(compute_dtype=t.compute_dtype), continuous=t.continuous,
+        reduce_mean=t.reduce_mean, likelihood_weighting=t.likelihood_weighting, eps=t.eps)
     o = config.optim
     tx = create_optimizer(o.lr, o.warmup, o.grad_clip, o.beta1, o.beta2, o.eps, o.weight_decay)
     dataset = datasets.get_dataset(config)
@@ -214,6 +217,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     if config.sampling.batch_size % n_dev:
         problems.append(f"sampling.batch_size={config.sampling.batch_size} must be divisible by "
                         f"the number of devices ({n_dev})")
+    if t.compute_dtype not in parameterization.COMPUTE_DTYPES:
+        problems.append(f"training.compute_dtype must be one of "
+                        f"{list(parameterization.COMPUTE_DTYPES)}, got {t.compute_dtype!r}")
     if not 0.0 <= config.model.ema_rate < 1.0:
         problems.append(f"model.ema_rate must be in [0, 1), got {config.model.ema_rate}")
     if problems:
@@ -599,7 +605,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start = int(state.step)
     n_params = count_params(state.params)
     print(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
-          f"({jax.devices()[0].platform}); model {config.model.name}: {n_params:,} parameters; "
+          f"({jax.devices()[0].platform}); model {config.model.name}: {n_params:,} parameters"
+          f"{' (remat)' if config.model.get('remat') else ''}, {t.compute_dtype} compute; "
           f"SDE {config.sde.name}; data {config.data.dataset} {exp.dataset.data_shape}; "
           f"{'resuming from step ' + str(start) if start else 'starting from scratch'}", flush=True)
     if start >= t.n_iters:
@@ -618,7 +625,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     keep = ("x", "label") if exp.conditional else ("x",)
     logger = _Logger(workdir, t.n_iters, t.batch_size, start)
     watcher = checkpointing.PreemptionWatcher()
-    iterator = datasets.BatchIterator(exp.dataset, "train", start, t.batch_size, **data_kwargs)
+    # Worker processes for tfds records (decoding holds the GIL); a thread for in-memory data.
+    workers = (0 if isinstance(exp.dataset.train, datasets.ArraySource)
+               else config.data.get("num_workers", 0))
+    iterator = datasets.BatchIterator(exp.dataset, "train", start, t.batch_size,
+                                      prefetch=max(4, 2 * n_jit), num_workers=workers,
+                                      **data_kwargs)
 
     def next_batches():
         group = [next(iterator) for _ in range(n_jit)]

@@ -2,10 +2,12 @@
 
 Experiments import `get_default_config()` and override only what differs. Keys:
   seed; sde.{name, beta_min, beta_max, sigma_min, sigma_max, N, s}; model.{name, ema_rate,
-  parameterization, noise_input, scale_input, <network fields>}; data.{dataset, image_size,
-  num_channels, centered, uniform_dequantization, random_flip, data_dir, train_split, eval_split};
-  training.{batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps, continuous,
-  reduce_mean, likelihood_weighting, eps, snapshot_sampling, keep_checkpoints};
+  parameterization, noise_input, scale_input, remat, <network fields>}; data.{dataset,
+  image_size, num_channels, crop_size, num_workers, centered, uniform_dequantization,
+  random_flip, data_dir, train_split, eval_split};
+  training.{batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps,
+  compute_dtype, continuous, reduce_mean, likelihood_weighting, eps, snapshot_sampling,
+  keep_checkpoints};
   optim.{lr, warmup, grad_clip, beta1, beta2, eps, weight_decay};
   sampling.{method, steps, predictor, corrector, snr, n_steps_each, noise_removal, eps,
   order, eta, rho, s_churn, rtol, atol, ode_solver, batch_size, num_samples};
@@ -36,6 +38,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     model.noise_input = "time"          # network conditioned on 999 t ("time") or log sigma(t)
     model.scale_input = True            # feed x / sqrt(alpha^2 + sigma^2) to the network
     model.num_classes = None            # set to an int for a class-conditional model
+    model.remat = False                 # recompute block activations in the backward pass
+                                        # (less memory, ~1 more forward; unet/ncsnpp/ddpmpp)
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "cifar10"
@@ -44,6 +48,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     data.centered = True               # data in [-1, 1] (else [0, 1])
     data.uniform_dequantization = False
     data.random_flip = True
+    data.num_workers = 4               # tfds data: processes preparing batches (0: a thread)
+    data.crop_size = 0                 # tfds images: centered square crop side (0: largest)
     data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: default)
     data.train_split = "train"
     data.eval_split = "test"
@@ -55,6 +61,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     training.log_freq = 50
     training.eval_freq = 5_000          # EMA eval loss to TensorBoard; 0 disables
     training.n_jitted_steps = 1         # optimizer steps per jitted call
+    training.compute_dtype = "float32"  # "bfloat16": mixed precision (params, optimizer, EMA
+                                        # stay float32; sampling / likelihood use float32)
     training.continuous = True          # DSM in continuous time; False: DDPM (VP) / SMLD (VE)
     training.reduce_mean = False        # mean over dimensions (else 1/2 sum, score_sde)
     training.likelihood_weighting = False

@@ -11,6 +11,7 @@ Shapes: images are NHWC, (B, H, W, C); per-example noise levels t are (B,); embe
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -27,6 +28,21 @@ def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
     if scale == 0.0:
         return nn.initializers.zeros_init()
     return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
+
+
+@functools.cache
+def rematerialized(cls: type[nn.Module], static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+    """`nn.remat(cls)`: a block whose activations are recomputed in the backward pass instead of
+    kept in memory (Chen et al. 2016), trading about one extra forward pass for memory.
+
+    The class keeps `cls`'s name, so parameters (and dropout streams) are named exactly as without
+    rematerialisation, and a checkpoint trained with one setting loads with the other.
+    static_argnums index the call's arguments with `self` as 0 (e.g. (3,) for a `train` flag
+    passed third: block(x, temb, train)).
+    """
+    remat_cls = nn.remat(cls, static_argnums=static_argnums)
+    remat_cls.__name__ = remat_cls.__qualname__ = cls.__name__
+    return remat_cls
 
 
 def num_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
@@ -173,7 +189,9 @@ class AttnBlock(nn.Module):
         b, height, width, c = x.shape
         h = group_norm(x).reshape(b, height * width, c)
         q, k, v = (nn.Dense(c, kernel_init=default_init(), name=n)(h) for n in ("q", "k", "v"))
-        weights = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) / math.sqrt(c), axis=-1)
+        # Logits and softmax in float32 even when the block computes in bfloat16.
+        logits = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) / math.sqrt(c)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         h = jnp.einsum("bij,bjc->bic", weights, v)
         h = nn.Dense(c, kernel_init=default_init(self.init_scale), name="proj_out")(h)
         out = x + h.reshape(b, height, width, c)

@@ -41,6 +41,7 @@ class MLP(nn.Module):
         `train` is accepted for a uniform interface; the MLP has no dropout.
         """
         emb = noise_embedding(self.embedding, t, self.embed_dim, self.fourier_scale)
+        emb = emb.astype(x.dtype)           # formed in float32, then the network's dtype
         emb = nn.silu(nn.Dense(self.hidden, kernel_init=default_init())(emb))
         if self.num_classes is not None:
             emb = emb + label_embedding(y, self.num_classes, self.hidden, x.shape[0])

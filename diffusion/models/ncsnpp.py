@@ -47,6 +47,7 @@ from diffusion.models.layers import (
     default_init,
     group_norm,
     label_embedding,
+    rematerialized,
     sinusoidal_embedding,
 )
 
@@ -318,6 +319,12 @@ class NCSNpp(nn.Module):
     Attributes: named as score_sde's config.model keys (see the module docstring).
       num_classes: if set, y (B,) int labels in [0, num_classes] (num_classes is the null label;
         y=None means all null) are embedded and added to the noise embedding.
+      remat: recompute each residual / attention block's activations in the backward pass
+        (`layers.rematerialized`): less memory for about one more forward pass; the parameters
+        are the same with or without it.
+
+    The network computes in the dtype of x (float32, or bfloat16 under mixed precision, see
+    `parameterization.make_score_model`); the noise embedding is formed in float32 first.
     """
 
     nf: int = 128
@@ -338,6 +345,7 @@ class NCSNpp(nn.Module):
     init_scale: float = 0.0
     conditional: bool = True
     num_classes: int | None = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: Array, t: Array, y: Array | None = None, train: bool = False) -> Array:
@@ -355,24 +363,29 @@ class NCSNpp(nn.Module):
                 temb = GaussianFourierProjection(embed_dim=2 * nf, scale=self.fourier_scale)(t)
             else:
                 temb = sinusoidal_embedding(t, nf)
+            temb = temb.astype(x.dtype)   # formed in float32, then the network's dtype
             temb = nn.Dense(4 * nf, kernel_init=default_init())(temb)
             temb = nn.Dense(4 * nf, kernel_init=default_init())(nn.silu(temb))
         if self.num_classes is not None:
             labels = label_embedding(y, self.num_classes, 4 * nf, x.shape[0])
             temb = labels if temb is None else temb + labels
 
+        def block_class(cls, static_argnums=()):
+            return rematerialized(cls, static_argnums) if self.remat else cls
+
         def resnet(h, out_ch=None, up=False, down=False):
+            common = dict(dropout=self.dropout, skip_rescale=self.skip_rescale,
+                          init_scale=self.init_scale)
             if self.resblock_type == "ddpm":
-                block = ResnetBlock(out_ch, dropout=self.dropout, skip_rescale=self.skip_rescale,
-                                    init_scale=self.init_scale)
+                block = block_class(ResnetBlock, (3,))(out_ch, **common)
             else:
-                block = ResnetBlockBigGAN(out_ch, up=up, down=down, dropout=self.dropout,
-                                          skip_rescale=self.skip_rescale,
-                                          init_scale=self.init_scale, **fir)
+                block = block_class(ResnetBlockBigGAN, (3,))(out_ch, up=up, down=down, **common,
+                                                             **fir)
             return block(h, temb, train)
 
         def attend(h):
-            return AttnBlock(skip_rescale=self.skip_rescale, init_scale=self.init_scale)(h)
+            attn = block_class(AttnBlock)
+            return attn(skip_rescale=self.skip_rescale, init_scale=self.init_scale)(h)
 
         def rescaled_sum(a, b):
             return (a + b) / math.sqrt(2.0) if self.skip_rescale else a + b

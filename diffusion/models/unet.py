@@ -16,6 +16,7 @@ from diffusion.models.layers import (
     group_norm,
     label_embedding,
     noise_embedding,
+    rematerialized,
 )
 
 Array = jax.Array
@@ -48,6 +49,11 @@ class UNet(nn.Module):
       skip_rescale: divide residual sums by sqrt(2) (NCSN++ / DDPM++).
       resamp_with_conv: strided conv / conv after nearest upsampling, else average pooling /
         plain nearest upsampling.
+      remat: recompute each ResNet / attention block's activations in the backward pass
+        (`layers.rematerialized`): less memory, about one more forward pass; same parameters.
+
+    The network computes in the dtype of x (float32, or bfloat16 under mixed precision, see
+    `parameterization.make_score_model`); the noise embedding is formed in float32 first.
     """
 
     ch: int = 64
@@ -60,6 +66,7 @@ class UNet(nn.Module):
     num_classes: int | None = None
     skip_rescale: bool = False
     resamp_with_conv: bool = True
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: Array, t: Array, y: Array | None = None, train: bool = False) -> Array:
@@ -68,19 +75,22 @@ class UNet(nn.Module):
         H and W must be divisible by 2 ** (len(ch_mult) - 1).
         """
         self._check_input(x)
-        temb = noise_embedding(self.embedding, t, self.ch, self.fourier_scale)
+        temb = noise_embedding(self.embedding, t, self.ch, self.fourier_scale).astype(x.dtype)
         temb = nn.Dense(4 * self.ch, kernel_init=default_init())(temb)
         temb = nn.Dense(4 * self.ch, kernel_init=default_init())(nn.silu(temb))
         if self.num_classes is not None:
             temb = temb + label_embedding(y, self.num_classes, 4 * self.ch, x.shape[0])
 
+        resnet_cls = rematerialized(ResnetBlock, (3,)) if self.remat else ResnetBlock
+        attn_cls = rematerialized(AttnBlock) if self.remat else AttnBlock
+
         def resnet(h, channels):
-            block = ResnetBlock(channels, dropout=self.dropout, skip_rescale=self.skip_rescale)
+            block = resnet_cls(channels, dropout=self.dropout, skip_rescale=self.skip_rescale)
             return block(h, temb, train)
 
         def maybe_attend(h):
             attend = h.shape[1] in self.attn_resolutions
-            return AttnBlock(skip_rescale=self.skip_rescale)(h) if attend else h
+            return attn_cls(skip_rescale=self.skip_rescale)(h) if attend else h
 
         # Down path; every activation in `skips` feeds one up-path block.
         h = conv3x3(self.ch)(x)
@@ -95,7 +105,7 @@ class UNet(nn.Module):
 
         # Middle.
         h = resnet(h, h.shape[-1])
-        h = AttnBlock(skip_rescale=self.skip_rescale)(h)
+        h = attn_cls(skip_rescale=self.skip_rescale)(h)
         h = resnet(h, h.shape[-1])
 
         # Up path.
