@@ -30,10 +30,10 @@ importing this module is cheap.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
-import queue
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -121,13 +121,15 @@ class ArraySource(Sequence):
 class TfdsImageSource(Sequence):
     """A tfds data source whose records become {"x": uint8 (size, size, C), "label": int}.
 
-    Images that are not `size` x `size` are center-cropped to a square and resized with Pillow
-    (bicubic, antialiased). Records without a "label" get label 0; other fields are ignored.
+    Images that are not `size` x `size` are center-cropped to a square (of side `crop`, else the
+    largest) and resized with Pillow (bicubic, antialiased). Records without a "label" get
+    label 0; other fields are ignored.
     """
 
-    def __init__(self, source: Sequence, size: int):
+    def __init__(self, source: Sequence, size: int, crop: int | None = None):
         self.source = source
         self.size = size
+        self.crop = crop
 
     def __len__(self) -> int:
         return len(self.source)
@@ -140,20 +142,26 @@ class TfdsImageSource(Sequence):
         image = np.asarray(record["image"])
         if image.ndim == 2:
             image = image[..., None]
-        if image.shape[:2] != (self.size, self.size):
-            image = center_crop_resize(image, self.size)
+        if self.crop or image.shape[:2] != (self.size, self.size):
+            image = center_crop_resize(image, self.size, self.crop)
         return {"x": image, "label": int(record.get("label", 0))}
 
 
-def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+def center_crop_resize(image: np.ndarray, size: int, crop: int | None = None) -> np.ndarray:
     """Center-crops (H, W, C) pixels to a square and resizes them to (size, size, C), same dtype.
 
-    Resizing is Pillow's bicubic filter, which is antialiased when shrinking.
+    The square's side is `crop` (e.g. 140 for CelebA's faces, as score_sde and DDIM) or, if None
+    or 0, min(H, W). Resizing is Pillow's bicubic filter, which is antialiased when shrinking.
     """
     from PIL import Image
 
     h, w = image.shape[:2]
     side = min(h, w)
+    if crop:
+        if crop > side:
+            raise ValueError(f"config.data.crop_size={crop} exceeds the {h}x{w} images; use at "
+                             f"most {side} (or 0 for the largest centered square).")
+        side = crop
     top, left = (h - side) // 2, (w - side) // 2
     square = image[top:top + side, left:left + side]
     if side == size:
@@ -170,20 +178,23 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
 def get_dataset(config) -> Dataset:
     """The dataset named by `config.data.dataset`, checked against `config.data`.
 
-    Reads data.dataset, image_size, num_channels, data_dir, train_split and eval_split (the last
-    three only for tfds datasets). An image_size or num_channels of 0/None means "as stored".
+    Reads data.dataset, image_size, num_channels, crop_size, data_dir, train_split and eval_split
+    (the last four only for tfds datasets). An image_size or num_channels of 0/None means "as
+    stored"; crop_size 0/None crops the largest centered square before resizing.
     Raises DatasetNotFoundError (a ValueError) for an unknown or unprepared dataset and ValueError
     when image_size / num_channels disagree with the data.
     """
     data = config.data
     return load_dataset(data.dataset, image_size=data.get("image_size"),
-                        num_channels=data.get("num_channels"), data_dir=data.get("data_dir"),
+                        num_channels=data.get("num_channels"), crop_size=data.get("crop_size"),
+                        data_dir=data.get("data_dir"),
                         train_split=data.get("train_split") or "train",
                         eval_split=data.get("eval_split") or "test")
 
 
 def load_dataset(name: str, *, image_size: int | None = None, num_channels: int | None = None,
-                 data_dir: str | None = None, train_split: str = "train",
+                 crop_size: int | None = None, data_dir: str | None = None,
+                 train_split: str = "train",
                  eval_split: str = "test") -> Dataset:
     """`get_dataset` with plain arguments (see there)."""
     if name == "digits":
@@ -196,7 +207,8 @@ def load_dataset(name: str, *, image_size: int | None = None, num_channels: int 
                 f"--config.data.image_size=0 --config.data.num_channels=0 (as "
                 f"experiments/toy_2d.py does).")
         return _load_toy(name)
-    return _load_tfds(name, image_size, num_channels, data_dir, train_split, eval_split)
+    return _load_tfds(name, image_size, num_channels, crop_size, data_dir, train_split,
+                      eval_split)
 
 
 def _load_digits(image_size: int | None, num_channels: int | None) -> Dataset:
@@ -322,7 +334,8 @@ def _open_tfds(name: str, split: str, data_dir: str | None) -> Sequence:
 
 
 def _load_tfds(name: str, image_size: int | None, num_channels: int | None,
-               data_dir: str | None, train_split: str, eval_split: str) -> Dataset:
+               crop_size: int | None, data_dir: str | None, train_split: str,
+               eval_split: str) -> Dataset:
     train = _open_tfds(name, train_split, data_dir)
     eval_ = _open_tfds(name, eval_split, data_dir)
     features = train.dataset_info.features
@@ -345,7 +358,8 @@ def _load_tfds(name: str, image_size: int | None, num_channels: int | None,
                          f"config.data.num_channels.")
     dtype = np.dtype(getattr(features["image"], "np_dtype", np.uint8))
     label = features["label"] if "label" in features else None
-    return Dataset(name, TfdsImageSource(train, image_size), TfdsImageSource(eval_, image_size),
+    return Dataset(name, TfdsImageSource(train, image_size, crop_size),
+                   TfdsImageSource(eval_, image_size, crop_size),
                    data_shape=(image_size, image_size, channels), is_image=True,
                    num_levels=int(np.iinfo(dtype).max) + 1,
                    num_classes=getattr(label, "num_classes", None))
@@ -488,74 +502,88 @@ def batch_at(dataset: Dataset, split: str, step: int, batch_size: int, *, seed: 
 # --------------------------------------------------------------------------- prefetching
 
 
+_WORKER_DATASET: Dataset | None = None   # the dataset of a BatchIterator worker process
+
+
+def _set_worker_dataset(dataset: Dataset) -> None:
+    global _WORKER_DATASET
+    _WORKER_DATASET = dataset
+
+
+def _worker_batch(split: str, **kwargs) -> dict[str, np.ndarray]:
+    return batch_at(_WORKER_DATASET, split, **kwargs)
+
+
 class BatchIterator(Iterator):
     """`batch_at(dataset, split, step, batch_size, **kwargs)` for step = start_step, +1, ...
 
-    A background thread keeps up to `prefetch` batches ready. Iteration ends before `stop_step`
-    (never when None); `step` is the step of the next batch returned. An error in the thread is
-    raised by `next()`. Call `close()`, or use it as a context manager, to stop the thread.
+    The next `prefetch` batches are prepared in the background and come back in step order:
+    with num_workers=0 by one thread (enough for in-memory data), with num_workers=N by N
+    spawned worker processes, each holding its own copy of `dataset` (which must pickle, as tfds
+    sources and arrays do). Use processes for tfds datasets: reading and decoding their records
+    is Python code holding the GIL, so threads do not add throughput (measured in
+    benchmarks/train_throughput.py --pipeline). Iteration ends before `stop_step` (never when
+    None); `step` is the step of the next batch returned. An error while preparing a batch is
+    raised by the `next()` that would have returned it. Call `close()`, or use it as a context
+    manager, to stop the workers.
     """
 
     def __init__(self, dataset: Dataset, split: str, start_step: int, batch_size: int, *,
-                 prefetch: int = 4, stop_step: int | None = None, **batch_kwargs):
-        dataset.split(split)                                     # fail here, not in the thread
+                 prefetch: int = 4, num_workers: int = 0, stop_step: int | None = None,
+                 **batch_kwargs):
+        dataset.split(split)                                     # fail here, not in a worker
         _check_batch_args(start_step, batch_size, batch_kwargs.get("seed", 0),
                           batch_kwargs.get("process_index", 0),
                           batch_kwargs.get("process_count", 1))
         self.step = start_step
-        self._make = functools.partial(batch_at, dataset, split, batch_size=batch_size,
-                                       **batch_kwargs)
+        if num_workers > 0:
+            import multiprocessing
+
+            # spawn, not fork: forking a process that runs JAX's threads can deadlock.
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                num_workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_set_worker_dataset, initargs=(dataset,))
+            self._make = functools.partial(_worker_batch, split, batch_size=batch_size,
+                                           **batch_kwargs)
+        else:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"BatchIterator-{dataset.name}-{split}")
+            self._make = functools.partial(batch_at, dataset, split, batch_size=batch_size,
+                                           **batch_kwargs)
+        self._prefetch = max(1, prefetch, 2 * num_workers)
         self._stop_step = stop_step
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-        self._stopping = threading.Event()
-        self._done = False
-        self._thread = threading.Thread(target=self._produce, args=(start_step,), daemon=True,
-                                        name=f"BatchIterator-{dataset.name}-{split}")
-        self._thread.start()
+        self._pending: collections.deque = collections.deque()   # futures of steps in order
+        self._next_step = start_step
+        self._closed = False
+        self._fill()
 
-    def _produce(self, step: int) -> None:
-        try:
-            while self._stop_step is None or step < self._stop_step:
-                if not self._put(("batch", step, self._make(step=step))):
-                    return
-                step += 1
-            self._put(("end", step, None))
-        except BaseException as error:  # handed to the consumer, raised by next()
-            self._put(("error", step, error))
-
-    def _put(self, item) -> bool:
-        while not self._stopping.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def _fill(self) -> None:
+        while len(self._pending) < self._prefetch and (
+                self._stop_step is None or self._next_step < self._stop_step):
+            self._pending.append(self._pool.submit(self._make, step=self._next_step))
+            self._next_step += 1
 
     def __next__(self) -> dict[str, np.ndarray]:
-        while not self._done:
-            try:
-                kind, step, value = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
-                    break
-                continue
-            if kind == "batch":
-                self.step = step + 1
-                return value
+        if self._closed or not self._pending:
             self.close()
-            if kind == "error":
-                raise value
-            break
-        raise StopIteration
+            raise StopIteration
+        future = self._pending.popleft()
+        try:
+            batch = future.result()
+        except BaseException:
+            self.close()
+            raise
+        self.step += 1
+        self._fill()
+        return batch
 
     def close(self) -> None:
-        """Stops the prefetch thread and drops the batches it prepared; idempotent."""
-        self._done = True
-        self._stopping.set()
-        self._thread.join()
-        while not self._queue.empty():
-            self._queue.get_nowait()
+        """Stops the workers and drops the batches they prepared; idempotent."""
+        self._closed = True
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> BatchIterator:
         return self

@@ -224,6 +224,53 @@ def test_tfds_cifar10_from_mock_data():
             datasets.get_dataset(_config("cifar10", 32, 1))
 
 
+@pytest.fixture(scope="module")
+def built_tfds(tmp_path_factory):
+    """A real (locally built, array_record, PNG-encoded) tfds dataset: (name, data_dir)."""
+    pytest.importorskip("tensorflow_datasets")
+    from diffusion import synthetic_tfds
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    return synthetic_tfds.build(data_dir, num_train=40, num_test=12), data_dir
+
+
+def test_tfds_locally_built_dataset_reads_through_data_dir(built_tfds):
+    import tensorflow_datasets as tfds
+
+    name, data_dir = built_tfds
+    config = _config(name, 32, 3)
+    config.data.data_dir = data_dir
+    data = datasets.get_dataset(config)
+    assert (len(data.train), len(data.eval), data.num_levels, data.num_classes) == (40, 12, 256, 10)
+    raw = tfds.data_source(name, split="train", data_dir=data_dir)
+    indices = datasets.batch_indices(40, "train", 3, 8, seed=1)
+    batch = datasets.batch_at(data, "train", 3, 8, seed=1, centered=False)
+    expected = np.stack([raw[int(i)]["image"] for i in indices]) / 255.0
+    np.testing.assert_allclose(batch["x"], expected, atol=1e-6)
+    np.testing.assert_array_equal(batch["label"], [raw[int(i)]["label"] for i in indices])
+    # Worker processes hand back exactly the batches of their steps, in order.
+    with datasets.BatchIterator(data, "train", 2, 8, prefetch=5, num_workers=2,
+                                stop_step=9, seed=1, centered=False) as batches:
+        for step in range(2, 9):
+            expected = datasets.batch_at(data, "train", step, 8, seed=1, centered=False)
+            np.testing.assert_array_equal(next(batches)["x"], expected["x"])
+        with pytest.raises(StopIteration):
+            next(batches)
+    assert _workers_stopped(batches)
+
+
+def test_tfds_crop_size_crops_before_resizing(built_tfds):
+    name, data_dir = built_tfds
+    plain = datasets.load_dataset(name, image_size=8, data_dir=data_dir)
+    cropped = datasets.load_dataset(name, image_size=8, crop_size=16, data_dir=data_dir)
+    full = datasets.load_dataset(name, image_size=32, data_dir=data_dir).train[5]["x"]
+    np.testing.assert_array_equal(cropped.train[5]["x"],
+                                  datasets.center_crop_resize(full[8:24, 8:24], 8))
+    np.testing.assert_array_equal(plain.train[5]["x"], datasets.center_crop_resize(full, 8))
+    with pytest.raises(ValueError, match="crop_size=40 exceeds the 32x32 images"):
+        datasets.load_dataset(name, image_size=8, crop_size=40, data_dir=data_dir).train[0]
+
+
 def test_center_crop_resize_keeps_the_center():
     image = np.zeros((30, 50, 1), np.uint8)
     image[:, 10:40] = 200                      # the central 30x30 square
@@ -262,11 +309,17 @@ def test_batch_iterator_matches_batch_at_and_stops(digits):
             assert batches.step == step
             expected = datasets.batch_at(digits, "train", step, 16, **kwargs)
             np.testing.assert_array_equal(next(batches)["x"], expected["x"])
-    assert not batches._thread.is_alive()
+    assert _workers_stopped(batches)
     with pytest.raises(StopIteration):
         next(batches)
     finite = list(datasets.BatchIterator(digits, "eval", 2, 16, stop_step=5, seed=0))
     assert len(finite) == 3
+
+
+def _workers_stopped(batches) -> bool:
+    pool = batches._pool
+    workers = getattr(pool, "_threads", None) or (getattr(pool, "_processes", None) or {}).values()
+    return batches._closed and not any(w.is_alive() for w in workers)
 
 
 def test_batch_iterator_raises_errors_from_the_thread():
@@ -279,6 +332,6 @@ def test_batch_iterator_raises_errors_from_the_thread():
     batches = datasets.BatchIterator(data, "train", 0, 2, seed=0)
     with pytest.raises(RuntimeError, match="disk on fire"):
         next(batches)
-    assert not batches._thread.is_alive()
+    assert _workers_stopped(batches)
     with pytest.raises(ValueError, match="not divisible"):
         datasets.BatchIterator(data, "train", 0, 3, seed=0, process_count=2)
