@@ -199,6 +199,13 @@ class VPSDE(_UnitGaussianPrior, SDE):
 
     @property
     def discrete_betas(self) -> np.ndarray:
+        """DDPM's linear betas beta_min / N .. beta_max / N, (N,); each must be below 1."""
+        if self.beta_max >= self.N:
+            raise ValueError(
+                f"The discrete DDPM chain of VPSDE(beta_max={self.beta_max}, N={self.N}) would "
+                f"have a last beta of beta_max / N = {self.beta_max / self.N:g} >= 1. Use "
+                f"sde.N > beta_max (DDPM: N 1000) for the discrete loss and the ancestral / "
+                f"reverse-diffusion samplers.")
         return np.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
 
     @property
