@@ -59,6 +59,17 @@ def test_parameter_count_matches_published(preset):
     assert abs(n / PUBLISHED[preset] - 1) < 0.03
 
 
+def test_ddpm_config_has_the_published_size():
+    """Ho et al. 2020's CIFAR-10 U-Net (experiments/ddpm_cifar.py): 35.7M parameters."""
+    from experiments import ddpm_cifar
+
+    net = models.get_model(ddpm_cifar.get_config())
+    shapes = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                            jnp.ones((1,)))
+    n = _count(shapes["params"])
+    assert n == 35_746_307 and abs(n / 35.7e6 - 1) < 0.005
+
+
 def test_get_model_builds_ncsnpp_and_ddpmpp():
     for name, preset in (("ddpmpp", "ddpmpp_cont"), ("ncsnpp", "ncsnpp_cont")):
         cfg = dict(ncsnpp.PRESETS[preset], name=name, ema_rate=0.9999)

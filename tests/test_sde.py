@@ -226,7 +226,7 @@ def check_chain(sde, betas):
 
 def test_vp_discrete_chain_with_too_few_steps_is_refused():
     with pytest.raises(ValueError, match=r"beta_max / N = 2 >= 1.*sde.N > beta_max"):
-        sde_lib.VPSDE(N=10).discrete_betas
+        _ = sde_lib.VPSDE(N=10).discrete_betas
 
 
 @pytest.mark.parametrize("beta_min, beta_max, n", [(0.1, 20.0, 1000), (0.3, 12.0, 500)])
