@@ -1,8 +1,23 @@
-"""Training throughput: the full pipeline of `train_and_evaluate` against a bare jitted loop.
+"""Training throughput: the full training loop against a bare jitted step, the paper networks'
+step time / FLOPs / MFU / memory, and the input pipeline.
 
     python benchmarks/train_throughput.py                       # the embedded default (digits)
     python benchmarks/train_throughput.py --config experiments/toy_2d.py --steps 2000
+    python benchmarks/train_throughput.py --networks ddpm,ddpmpp,ncsnpp      # batch 128
+    python benchmarks/train_throughput.py --networks ddpmpp --width 0 --compile_only \
+        --remat both --dtypes float32,bfloat16          # full size: FLOPs and memory, no step
+    python benchmarks/train_throughput.py --pipeline --workers 0,2,4
 
+--networks compiles one train step (loss, gradient, Adam, EMA) of DDPM (experiments/ddpm_cifar),
+DDPM++ cont. (vp_cifar) and NCSN++ cont. (ve_cifar), optionally deep, at batch 128 on 32x32x3
+inputs, and prints parameters, compile time, step time, images/s, model FLOPs per step (3x the
+forward pass, as XLA counts it), TFLOP/s, MFU against the chip's dense peak (PEAK_TFLOPS;
+--peak_tflops otherwise) and XLA's memory estimate of the compiled step. On a CPU the width
+defaults to 32 (a paper-size step takes minutes there); --width 0 --compile_only still gives
+the full-size FLOPs and memory. --pipeline times the tfds input pipeline (tfds.data_source,
+PNG decoding, batches in worker processes) on a locally built CIFAR-shaped dataset.
+
+The default mode compares, for one experiment config:
 "full pipeline" is `train.train_and_evaluate` as a user runs it: the data pipeline (host batches,
 prefetch thread, transfer to the devices), checkpoints every `snapshot_freq`, progress lines,
 TensorBoard and jsonl logging; only the sample grids are off (sampling is not training). Its rate is
@@ -71,13 +86,225 @@ def bare_loop(config, steps: int, warmup: int) -> float:
     return (steps // n_jit) * n_jit / (time.perf_counter() - t0)
 
 
+# --------------------------------------------------------------------------- paper networks
+
+# name -> experiment config (file, variant) whose network and loss are timed.
+NETWORKS = {
+    "ddpm": ("ddpm_cifar", None),
+    "ddpmpp": ("vp_cifar", None),
+    "ddpmpp_deep": ("vp_cifar", "deep"),
+    "ncsnpp": ("ve_cifar", None),
+    "ncsnpp_deep": ("ve_cifar", "deep"),
+}
+
+# Dense peak TFLOP/s per chip: (bfloat16, float32 as XLA runs it by default: TF32 on NVIDIA
+# Ampere and later, one bf16 pass on TPU). Matched against `device_kind` by prefix.
+PEAK_TFLOPS = {
+    "NVIDIA H100": (989.0, 494.7), "NVIDIA H200": (989.0, 494.7),
+    "NVIDIA A100": (312.0, 156.0), "NVIDIA L4": (121.0, 60.0),
+    "Tesla V100": (None, 15.7),
+    "TPU v4": (275.0, 275.0), "TPU v5 lite": (197.0, 197.0), "TPU v5e": (197.0, 197.0),
+    "TPU v5p": (459.0, 459.0), "TPU v6 lite": (918.0, 918.0),
+}
+
+
+def matmul_tflops(dtype: str, n: int = 2048, repeats: int = 10) -> float:
+    """Measured TFLOP/s of an n x n matmul: the reference "peak" where none is tabulated."""
+    a = jax.numpy.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(f(a))
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = f(a)
+    jax.block_until_ready(out)
+    return 2.0 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
+def peak_tflops(device, dtype: str, override: float | None) -> tuple[float, str]:
+    """(peak TFLOP/s, where it comes from): --peak_tflops, PEAK_TFLOPS, else a measured matmul."""
+    if override:
+        return override, "--peak_tflops"
+    for prefix, (bf16, fp32) in PEAK_TFLOPS.items():
+        if device.device_kind.startswith(prefix):
+            peak = bf16 if dtype == "bfloat16" else fp32
+            if peak:
+                return peak, f"{prefix} dense peak"
+    return matmul_tflops(dtype), "measured 2048^2 matmul"
+
+
+def network_config(root: str, name: str, width: int, batch: int, dtype: str, remat: bool,
+                   n_jit: int):
+    module, variant = NETWORKS[name]
+    config = load_config(os.path.join(root, "experiments", f"{module}.py")
+                         + (f":{variant}" if variant else ""))
+    if width:
+        config.model["ch" if config.model.name == "unet" else "nf"] = width
+    config.training.batch_size = batch
+    config.training.compute_dtype = dtype
+    config.training.n_jitted_steps = n_jit
+    config.model.remat = remat
+    return config
+
+
+def measure_network(config, steps: int, warmup: int, compile_only: bool) -> dict:
+    """Compiles one train step of `config`'s network at its batch size and times it.
+
+    Returns params, compile seconds, XLA's memory estimate of the compiled step (arguments +
+    outputs + temporaries - donated aliases), model FLOPs per optimizer step (3x the forward
+    pass's XLA flop count: forward + backward, without rematerialised recomputation), and unless
+    compile_only the median seconds per optimizer step.
+    """
+    import tensorflow_datasets as tfds
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    with tfds.testing.mock_data(num_examples=8):     # only the data's shape is needed here
+        exp = train.build(config)
+    mesh = train.data_mesh()
+    n_jit, batch = config.training.n_jitted_steps, config.training.batch_size
+    abstract = train._abstract_state(exp, config, mesh)
+    x_spec = jax.ShapeDtypeStruct((n_jit, batch, *exp.dataset.data_shape), np.float32,
+                                  sharding=NamedSharding(mesh, P(None, train.DATA_AXIS)))
+    key = jax.random.key(0)
+    step_fn = train.make_train_step(exp.loss_fn, exp.tx, config.model.ema_rate, mesh)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(abstract, {"x": x_spec}, key).compile()
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    mem_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                 + memory.temp_size_in_bytes - memory.alias_size_in_bytes) if memory else None
+
+    x = jax.ShapeDtypeStruct((batch, *exp.dataset.data_shape), np.float32)
+    t = jax.ShapeDtypeStruct((batch,), np.float32)
+    forward = jax.jit(lambda p, x, t: exp.score_model(p, x, t)).lower(abstract.params, x, t)
+    cost = forward.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    row = dict(params=train.count_params(abstract.params), compile_s=compile_s,
+               mem_bytes=mem_bytes, model_flops=3.0 * float(cost["flops"]))
+    if compile_only:
+        return row
+    state = train._init_state(exp, config, mesh)
+    data = train.put_batch({"x": np.random.default_rng(0).standard_normal(
+        (n_jit, batch, *exp.dataset.data_shape)).astype(np.float32)}, mesh)
+    for _ in range(max(1, warmup // n_jit)):
+        state, metrics = compiled(state, data, key)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(max(1, steps // n_jit)):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, data, key)
+        jax.block_until_ready(metrics)
+        times.append((time.perf_counter() - t0) / n_jit)
+    row["step_s"] = float(np.median(times))
+    return row
+
+
+def network_table(root: str, args) -> None:
+    device = jax.devices()[0]
+    width = args.width if args.width >= 0 else (0 if device.platform != "cpu" else 32)
+    print(f"\nTrain step of the paper networks (CIFAR-10 32x32x3), batch {args.batch}, "
+          f"{jax.device_count()} x {device.platform} ({device.device_kind}), "
+          f"{os.cpu_count()} CPU cores; width {width or 'as in the paper'}; median of "
+          f"{args.steps} timed steps after {args.warmup} warm-up; n_jitted_steps "
+          f"{args.n_jitted_steps}.\nmodel FLOPs = 3 x forward (XLA's count); MFU = model FLOP/s "
+          f"/ peak; memory = XLA's buffer assignment for the compiled step.\n")
+    peaks = {d: peak_tflops(device, d, args.peak_tflops) for d in args.dtypes.split(",")}
+    print("MFU reference: " + "; ".join(f"{d} {p:.3g} TFLOP/s ({src})"
+                                        for d, (p, src) in peaks.items()) + "\n")
+    header = (f"| {'network':<12} | {'width':>5} | {'params':>7} | {'dtype':<8} | {'remat':<5} | "
+              f"{'compile s':>9} | {'step s':>7} | {'img/s':>7} | {'GFLOP/step':>10} | "
+              f"{'TFLOP/s':>7} | {'MFU':>6} | {'memory GiB':>10} |")
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for name in args.networks.split(","):
+        for dtype in args.dtypes.split(","):
+            for remat in ([False, True] if args.remat == "both" else [args.remat == "on"]):
+                config = network_config(root, name, width, args.batch, dtype, remat,
+                                        args.n_jitted_steps)
+                r = measure_network(config, args.steps, args.warmup, args.compile_only)
+                w = width or config.model.get("nf", config.model.get("ch"))
+                peak = peaks[dtype][0]
+                step = r.get("step_s")
+                tflops = r["model_flops"] / step / 1e12 if step else None
+                cells = [f"{name:<12}", f"{w:>5}", f"{r['params'] / 1e6:6.1f}M", f"{dtype:<8}",
+                         f"{'yes' if remat else 'no':<5}", f"{r['compile_s']:9.1f}",
+                         f"{step:7.3f}" if step else f"{'-':>7}",
+                         f"{args.batch / step:7.0f}" if step else f"{'-':>7}",
+                         f"{r['model_flops'] / 1e9:10.0f}",
+                         f"{tflops:7.3g}" if tflops else f"{'-':>7}",
+                         f"{tflops / peak:6.1%}" if tflops and peak else f"{'n/a':>6}",
+                         f"{r['mem_bytes'] / 2**30:10.2f}" if r["mem_bytes"] else f"{'-':>10}"]
+                print("| " + " | ".join(cells) + " |", flush=True)
+
+
+# --------------------------------------------------------------------------- input pipeline
+
+
+def pipeline_table(args) -> None:
+    """Batches/s of the tfds input pipeline on a locally built CIFAR-shaped array_record dataset
+    (PNG-encoded, as tfds stores cifar10), for 0 (a thread) and N worker processes."""
+    from diffusion import synthetic_tfds
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        name = synthetic_tfds.build(data_dir, num_train=args.pipeline_examples, num_test=100)
+        data = datasets.load_dataset(name, image_size=32, num_channels=3, data_dir=data_dir)
+        print(f"\nInput pipeline: batches of {args.batch} from a locally built tfds dataset "
+              f"({args.pipeline_examples} PNG-encoded 32x32x3 images, array_record), random "
+              f"flips and dequantization on; {os.cpu_count()} CPU cores.\n")
+        print(f"| {'workers':<20} | {'batches/s':>9} | {'images/s':>8} | {'start-up s':>10} |")
+        print(f"|{'-' * 22}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
+        for workers in [int(w) for w in args.workers.split(",")]:
+            t0 = time.perf_counter()
+            with datasets.BatchIterator(data, "train", 0, args.batch, num_workers=workers,
+                                        prefetch=max(4, 2 * workers), seed=0,
+                                        uniform_dequantization=True, random_flip=True) as it:
+                next(it)
+                t1 = time.perf_counter()
+                for _ in range(args.pipeline_batches):
+                    next(it)
+                rate = args.pipeline_batches / (time.perf_counter() - t1)
+            label = ("1 thread" if workers == 0
+                     else f"{workers} process{'es' if workers > 1 else ''}")
+            print(f"| {label:<20} | {rate:9.1f} | {rate * args.batch:8.0f} | {t1 - t0:10.1f} |",
+                  flush=True)
+
+
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=os.path.join(root, "experiments", "digits.py"))
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps (default 600; 5 with --networks)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="warm-up steps (default 100; 1 with --networks)")
+    parser.add_argument("--networks", default="",
+                        help=f"comma-separated paper networks to time instead: {list(NETWORKS)}")
+    parser.add_argument("--width", type=int, default=-1,
+                        help="--networks: base channels (0: the paper's; default 0 on GPU/TPU, "
+                             "32 on CPU)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dtypes", default="float32",
+                        help="--networks: compute dtypes, e.g. float32,bfloat16")
+    parser.add_argument("--remat", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--n_jitted_steps", type=int, default=1)
+    parser.add_argument("--compile_only", action="store_true",
+                        help="--networks: parameters, FLOPs and memory without running a step")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="peak TFLOP/s for MFU on a device missing from PEAK_TFLOPS")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="time the tfds input pipeline instead")
+    parser.add_argument("--workers", default="0,2,4", help="--pipeline: worker processes")
+    parser.add_argument("--pipeline_examples", type=int, default=5000)
+    parser.add_argument("--pipeline_batches", type=int, default=40)
     args = parser.parse_args()
+    if args.pipeline:
+        return pipeline_table(args)
+    if args.networks:
+        args.steps = 5 if args.steps is None else args.steps
+        args.warmup = 1 if args.warmup is None else args.warmup
+        return network_table(root, args)
+    args.steps = 600 if args.steps is None else args.steps
+    args.warmup = 100 if args.warmup is None else args.warmup
     config = load_config(args.config)
     n_jit = config.training.n_jitted_steps
     args.steps -= args.steps % n_jit

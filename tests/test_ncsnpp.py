@@ -1,6 +1,6 @@
 """Tests of diffusion/models/ncsnpp.py: the NCSN++ / DDPM++ networks and FIR resampling.
 
-Full-size networks are only traced (`jax.eval_shape`) except in the slow test; behaviour is
+Full-size networks are only traced (`jax.eval_shape`) except in the slow tests; behaviour is
 checked at reduced width (nf=16, ch_mult=(1, 2), one block per level, attention at 8x8 on
 16x16x3 images) with random parameters, since the zero-initialised last layers make the
 output exactly 0 at init.
@@ -213,13 +213,25 @@ def test_fir_conv_with_identity_kernel_is_plain_fir_resampling(direction):
 # ----------------------------------------------------------------------------- slow
 
 
+def _paper_network(name):
+    """(network, input shape, expected parameter count) of each paper-size network."""
+    if name in ncsnpp.PRESETS:
+        return NCSNpp(**ncsnpp.PRESETS[name]), (2, 32, 32, 3), MEASURED[name]
+    from experiments import ddpm_cifar, ve_celebahq256
+
+    if name == "ddpm":
+        return models.get_model(ddpm_cifar.get_config()), (2, 32, 32, 3), 35_746_307
+    return models.get_model(ve_celebahq256.get_config()), (1, 256, 256, 3), 65_574_421
+
+
 @pytest.mark.slow
-def test_full_size_ddpmpp_forward_backward():
-    net = NCSNpp(**ncsnpp.PRESETS["ddpmpp_cont"])
-    x, _ = _inputs((2, 32, 32, 3))
-    t = jnp.array([10.0, 900.0])
+@pytest.mark.parametrize("name", [*sorted(ncsnpp.PRESETS), "ddpm", "ncsnpp_256"])
+def test_full_size_forward_backward(name):
+    net, shape, n_params = _paper_network(name)
+    x, _ = _inputs(shape)
+    t = jnp.linspace(10.0, 900.0, shape[0])
     variables = jax.jit(net.init)(jax.random.key(0), x, t)
-    assert _count(variables["params"]) == MEASURED["ddpmpp_cont"]
+    assert _count(variables["params"]) == n_params
 
     def loss(p):
         out = net.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.key(1)})
@@ -229,3 +241,5 @@ def test_full_size_ddpmpp_forward_backward():
     assert out.shape == x.shape
     assert np.isfinite(float(value))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    # The zero-initialised output layers get a gradient, so training can start.
+    assert sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(grads)) > 0
