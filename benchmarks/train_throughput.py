@@ -10,9 +10,10 @@ step time / FLOPs / MFU / memory, and the input pipeline.
 
 --networks compiles one train step (loss, gradient, Adam, EMA) of DDPM (experiments/ddpm_cifar),
 DDPM++ cont. (vp_cifar) and NCSN++ cont. (ve_cifar), optionally deep, at batch 128 on 32x32x3
-inputs, and prints parameters, compile time, step time, images/s, model FLOPs per step (3x the
-forward pass, as XLA counts it), TFLOP/s, MFU against the chip's dense peak (PEAK_TFLOPS;
---peak_tflops otherwise) and XLA's memory estimate of the compiled step. On a CPU the width
+inputs (or NCSN++ on 256x256x3, ve_celebahq256, as `ncsnpp_256`), and prints parameters,
+compile time, step time, images/s, model FLOPs per step (3x the forward pass, as XLA counts
+it), TFLOP/s, MFU against the chip's dense peak (PEAK_TFLOPS; --peak_tflops otherwise, or on a
+CPU a measured matmul) and XLA's memory estimate of the compiled step. On a CPU the width
 defaults to 32 (a paper-size step takes minutes there); --width 0 --compile_only still gives
 the full-size FLOPs and memory. --pipeline times the tfds input pipeline (tfds.data_source,
 PNG decoding, batches in worker processes) on a locally built CIFAR-shaped dataset.
@@ -95,6 +96,7 @@ NETWORKS = {
     "ddpmpp_deep": ("vp_cifar", "deep"),
     "ncsnpp": ("ve_cifar", None),
     "ncsnpp_deep": ("ve_cifar", "deep"),
+    "ncsnpp_256": ("ve_celebahq256", None),     # 256x256x3; the paper's batch there is 64
 }
 
 # Dense peak TFLOP/s per chip: (bfloat16, float32 as XLA runs it by default: TF32 on NVIDIA
@@ -202,7 +204,8 @@ def measure_network(config, steps: int, warmup: int, compile_only: bool) -> dict
 def network_table(root: str, args) -> None:
     device = jax.devices()[0]
     width = args.width if args.width >= 0 else (0 if device.platform != "cpu" else 32)
-    print(f"\nTrain step of the paper networks (CIFAR-10 32x32x3), batch {args.batch}, "
+    print(f"\nTrain step of the paper networks (32x32x3 CIFAR-10 shapes, 256x256x3 for "
+          f"ncsnpp_256), batch {args.batch}, "
           f"{jax.device_count()} x {device.platform} ({device.device_kind}), "
           f"{os.cpu_count()} CPU cores; width {width or 'as in the paper'}; median of "
           f"{args.steps} timed steps after {args.warmup} warm-up; n_jitted_steps "
