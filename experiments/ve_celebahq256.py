@@ -11,10 +11,12 @@ images), EMA 0.999, batch 64 (the paper's batch for 256x256), Adam 2e-4, 1/2-sum
 
 Expected: Song et al. 2021 show 256x256 CelebA-HQ and LSUN samples (their Figure 12 and appendix)
 but report no FID for them, so there is no paper number to match; nothing has been measured with
-this codebase yet. Memory: at batch 64 this network needs more than one accelerator's worth of
-activations on some devices; --config.model.remat=True and
---config.training.compute_dtype=bfloat16 reduce it (benchmarks/train_throughput.py --network
-reports the compiled step's memory).
+this codebase yet. Cost: a train step at batch 64 is 102 TFLOP, and XLA's memory plan for it
+(compiled for a CPU: `python benchmarks/train_throughput.py --networks ncsnpp_256 --width 0
+--compile_only --batch 64`) is 218 GiB, so batch 64 needs several accelerators: the batch is
+split over all devices (score_sde trained it on TPU pods), about 27 GiB each on 8.
+--config.model.remat=True and --config.training.compute_dtype=bfloat16 are meant to cut that
+further; their effect on an accelerator is not measured yet.
 
     python scripts/run.py --config experiments/ve_celebahq256.py --workdir runs/celebahq256
 
