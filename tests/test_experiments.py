@@ -58,6 +58,7 @@ def test_smoke_variant_trains_samples_and_evaluates(name, tmp_path):
         assert 0.0 < record["bpd"] < 100.0
 
 
+@pytest.mark.slow     # 25-45 s each from a cold compilation cache; the CIFAR ones cover the code
 @pytest.mark.parametrize("name", TRAIN_ONLY)
 def test_high_resolution_smoke_variant_trains(name, tmp_path):
     config = importlib.import_module(f"experiments.{name}").get_config("smoke")
