@@ -45,6 +45,21 @@ def rematerialized(cls: type[nn.Module], static_argnums: tuple[int, ...] = ()) -
     return remat_cls
 
 
+def check_image_input(network: str, x: Array, ch_mult) -> None:
+    """One clear error unless x is (B, H, W, C) with H and W divisible by 2^(len(ch_mult) - 1),
+    the factor a U-Net with these channel multipliers downsamples by."""
+    if x.ndim != 4:
+        raise ValueError(f"{network} expects images shaped (B, H, W, C); got shape {x.shape}. "
+                         "Use model.name='mlp' for vector data.")
+    factor = 2 ** (len(ch_mult) - 1)
+    height, width = x.shape[1:3]
+    if height % factor or width % factor:
+        raise ValueError(
+            f"{network} with ch_mult={tuple(ch_mult)} halves the image {len(ch_mult) - 1} "
+            f"times, so height and width must be divisible by {factor}; got {height}x{width}. "
+            "Shorten model.ch_mult or resize the data.")
+
+
 def num_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
     """Number of GroupNorm groups for `channels`: min(32, C // 4), lowered until it divides C."""
     groups = max(1, min(max_groups, channels // min_group_size))

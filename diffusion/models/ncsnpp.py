@@ -43,6 +43,7 @@ from diffusion.models.layers import (
     AttnBlock,
     GaussianFourierProjection,
     ResnetBlock,
+    check_image_input,
     conv3x3,
     default_init,
     group_norm,
@@ -460,12 +461,4 @@ class NCSNpp(nn.Module):
                                     (self.embedding_type, EMBEDDING_TYPES, "embedding_type")):
             if value not in allowed:
                 raise ValueError(f"Unknown {key} {value!r}: must be one of {list(allowed)}.")
-        if x.ndim != 4:
-            raise ValueError(f"NCSNpp expects images shaped (B, H, W, C); got shape {x.shape}.")
-        factor = 2 ** (len(self.ch_mult) - 1)
-        height, width = x.shape[1:3]
-        if height % factor or width % factor:
-            raise ValueError(
-                f"NCSNpp with ch_mult={tuple(self.ch_mult)} halves the image "
-                f"{len(self.ch_mult) - 1} times, so height and width must be divisible by "
-                f"{factor}; got {height}x{width}.")
+        check_image_input("NCSNpp", x, self.ch_mult)

@@ -11,6 +11,7 @@ from diffusion.models.layers import (
     Downsample,
     ResnetBlock,
     Upsample,
+    check_image_input,
     conv3x3,
     default_init,
     group_norm,
@@ -74,7 +75,7 @@ class UNet(nn.Module):
 
         H and W must be divisible by 2 ** (len(ch_mult) - 1).
         """
-        self._check_input(x)
+        check_image_input("UNet", x, self.ch_mult)
         temb = noise_embedding(self.embedding, t, self.ch, self.fourier_scale).astype(x.dtype)
         temb = nn.Dense(4 * self.ch, kernel_init=default_init())(temb)
         temb = nn.Dense(4 * self.ch, kernel_init=default_init())(nn.silu(temb))
@@ -118,15 +119,3 @@ class UNet(nn.Module):
 
         h = nn.silu(group_norm(h))
         return conv3x3(x.shape[-1], init_scale=0.0)(h)
-
-    def _check_input(self, x: Array) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"UNet expects images shaped (B, H, W, C); got shape {x.shape}. "
-                             "Use model.name='mlp' for vector data.")
-        factor = 2 ** (len(self.ch_mult) - 1)
-        height, width = x.shape[1:3]
-        if height % factor or width % factor:
-            raise ValueError(
-                f"UNet with ch_mult={tuple(self.ch_mult)} halves the image "
-                f"{len(self.ch_mult) - 1} times, so height and width must be divisible by "
-                f"{factor}; got {height}x{width}. Shorten model.ch_mult or resize the data.")
