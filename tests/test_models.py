@@ -15,20 +15,9 @@ import pytest
 
 from diffusion import models
 from diffusion.models import layers
+from tests.helpers import random_params
 
 TINY_UNET = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
-
-
-def _random_params(net, *args, seed=0, scale=0.3, **kwargs):
-    """Parameters of `net` with every leaf drawn from N(0, scale^2), so no layer is zero.
-
-    Shapes come from `jax.eval_shape` and values from numpy: compiling a UNet's init (threefry
-    draws for every layer) costs seconds on CPU.
-    """
-    shapes = jax.eval_shape(net.init, jax.random.key(0), *args, **kwargs)["params"]
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype),
-                        shapes)
 
 
 def _init(net, *args, **kwargs):
@@ -115,7 +104,7 @@ def test_residual_blocks_start_as_identity():
 def test_mlp_shape_and_finite(use_jit, embedding):
     net = models.MLP(hidden=16, n_layers=2, embedding=embedding, embed_dim=8)
     x, t = _inputs((5, 3))
-    params = _random_params(net, x, t)
+    params = random_params(net, x, t)
     out = _apply(net, use_jit)({"params": params}, x, t, train=True)
     assert out.shape == x.shape
     assert np.all(np.isfinite(out)) and np.std(out) > 0
@@ -137,7 +126,7 @@ def test_mlp_class_conditional():
     net = models.MLP(hidden=16, n_layers=1, embed_dim=8, num_classes=4)
     x, t = _inputs((3, 2))
     y = jnp.array([0, 1, 4])  # 4 is the null label
-    params = _random_params(net, x, t, y=y)
+    params = random_params(net, x, t, y=y)
     assert params["Embed_0"]["embedding"].shape == (5, 16)
     out = net.apply({"params": params}, x, t, y=y)
     assert out.shape == x.shape
@@ -155,7 +144,7 @@ def tiny_unet():
     """The tiny 8x8x1 UNet and randomised parameters, shared by several tests."""
     net = models.UNet(**{**TINY_UNET, "dropout": 0.5})
     x, t = _inputs((4, 8, 8, 1))
-    return net, _random_params(net, x, t), x, t
+    return net, random_params(net, x, t), x, t
 
 
 def test_unet_8x8_shape_finite_and_jit_equals_eager(tiny_unet):
@@ -198,7 +187,7 @@ def test_unet_16x16x3_class_conditional():
     y = jnp.array([0, 3])  # 3 is the null label
     shapes = jax.eval_shape(net.init, jax.random.key(0), x, t, y=y)["params"]
     assert shapes["Embed_0"]["embedding"].shape == (4, 32)
-    params = _random_params(net, x, t, y=y)
+    params = random_params(net, x, t, y=y)
     apply = jax.jit(net.apply, static_argnames="train")
     out = apply({"params": params}, x, t, y=y, train=False)
     assert out.shape == x.shape

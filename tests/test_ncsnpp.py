@@ -15,6 +15,7 @@ import pytest
 from diffusion import models
 from diffusion.models import ncsnpp
 from diffusion.models.ncsnpp import NCSNpp
+from tests.helpers import random_params
 
 TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
 
@@ -26,14 +27,6 @@ PUBLISHED = {"ddpmpp_cont": 62e6, "ddpmpp_deep_cont": 108e6,
              "ncsnpp_cont": 63e6, "ncsnpp_deep_cont": 108e6}
 MEASURED = {"ddpmpp_cont": 61_804_419, "ddpmpp_deep_cont": 106_632_579,
             "ncsnpp_cont": 62_758_787, "ncsnpp_deep_cont": 107_586_947}
-
-
-def _random_params(net, *args, seed=0, scale=0.3, **kwargs):
-    """Parameters of `net` with every leaf drawn from N(0, scale^2), so no layer is zero."""
-    shapes = jax.eval_shape(net.init, jax.random.key(0), *args, **kwargs)["params"]
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype),
-                        shapes)
 
 
 def _count(tree) -> int:
@@ -112,7 +105,7 @@ EAGER = {0}
 def test_forward_shape_finite_and_jit_matches_eager(index):
     net = _tiny(*VARIANTS[index])
     x, t = _inputs((2, 16, 16, 3))
-    params = _random_params(net, x, t)
+    params = random_params(net, x, t)
     out = jax.jit(net.apply)({"params": params}, x, t)
     assert out.shape == x.shape
     assert bool(jnp.all(jnp.isfinite(out)))
@@ -135,7 +128,7 @@ def test_class_conditioning_and_unconditional():
     net = NCSNpp(**TINY, resblock_type="ddpm", num_classes=10, conditional=False)
     x, t = _inputs((2, 16, 16, 3))
     y = jnp.array([1, 7])
-    params = _random_params(net, x, t, y)
+    params = random_params(net, x, t, y)
     apply = jax.jit(net.apply)
     out_y = apply({"params": params}, x, t, y)
     assert out_y.shape == x.shape
@@ -148,7 +141,7 @@ def test_backward_finite_and_dropout_only_in_train_mode():
     """Gradients of a training-mode loss (dropout on) are finite; dropout acts only in train."""
     net = _tiny(*VARIANTS[1], dropout=0.5)
     x, t = _inputs((2, 16, 16, 3))
-    params = _random_params(net, x, t, scale=0.1)
+    params = random_params(net, x, t, scale=0.1)
 
     def loss(p, key):
         out = net.apply({"params": p}, x, t, train=True, rngs={"dropout": key})

@@ -16,6 +16,7 @@ import pytest
 from diffusion import losses, train
 from diffusion import sde as sde_lib
 from diffusion.models import NCSNpp, UNet, ncsnpp, parameterization
+from tests.helpers import random_params
 
 NETWORKS = {
     "ncsnpp": (NCSNpp, dict(ncsnpp.PRESETS["ncsnpp_cont"], nf=16, ch_mult=(1, 2),
@@ -23,13 +24,6 @@ NETWORKS = {
     "unet": (UNet, dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
                         dropout=0.1)),
 }
-
-
-def _random_params(net, x, t, seed=0, scale=0.05):
-    shapes = jax.eval_shape(net.init, jax.random.key(0), x, t)["params"]
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype),
-                        shapes)
 
 
 def _inputs(batch=2):
@@ -47,7 +41,7 @@ def test_remat_gives_the_same_parameters_outputs_and_gradients(name):
     shapes = jax.eval_shape(plain.init, jax.random.key(0), x, c_noise)
     assert jax.tree.structure(shapes) == jax.tree.structure(
         jax.eval_shape(remat.init, jax.random.key(0), x, c_noise))   # same names: checkpoints load
-    params = _random_params(plain, x, c_noise)
+    params = random_params(plain, x, c_noise, scale=0.05)
     param_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
 
     def forward_backward(net):
@@ -95,7 +89,7 @@ def test_bfloat16_score_model_computes_in_bfloat16_and_stays_close(name):
     net = cls(**kwargs)
     sde = sde_lib.VPSDE()
     x, t = _inputs(4)
-    params = _random_params(net, x, 999.0 * t)
+    params = random_params(net, x, 999.0 * t, scale=0.05)
     full = parameterization.make_score_model(net, sde)
     mixed = parameterization.make_score_model(net, sde, compute_dtype="bfloat16")
     ref, out = jax.jit(full)(params, x, t), jax.jit(mixed)(params, x, t)
@@ -114,7 +108,7 @@ def test_bfloat16_gradients_reach_float32_parameters():
     net = cls(**kwargs)
     sde = sde_lib.VPSDE()
     x, t = _inputs(8)
-    params = _random_params(net, x, 999.0 * t)
+    params = random_params(net, x, 999.0 * t, scale=0.05)
     keys = jax.random.split(jax.random.key(3), 8)
     grads = {}
     for dtype in ("float32", "bfloat16"):
