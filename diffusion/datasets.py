@@ -432,6 +432,11 @@ def batch_indices(n: int, split: str, step: int, batch_size: int, *, seed: int,
     return indices
 
 
+def take(source: Sequence, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stored examples at `indices`: (pixel levels or points, labels), no augmentation."""
+    return _gather(source, np.asarray(indices))
+
+
 def _gather(source: Sequence, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(source, ArraySource):
         return source.take(indices)

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
@@ -220,6 +220,13 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     if t.compute_dtype not in parameterization.COMPUTE_DTYPES:
         problems.append(f"training.compute_dtype must be one of "
                         f"{list(parameterization.COMPUTE_DTYPES)}, got {t.compute_dtype!r}")
+    e = config.eval
+    if e.fid_ref_split not in datasets.SPLITS:
+        problems.append(f"eval.fid_ref_split must be one of {datasets.SPLITS}, got "
+                        f"{e.fid_ref_split!r}")
+    if e.fid_num_samples < 2 or e.fid_batch_size < 1:
+        problems.append(f"eval.fid_num_samples must be >= 2 and eval.fid_batch_size >= 1, got "
+                        f"{e.fid_num_samples} and {e.fid_batch_size}")
     if not 0.0 <= config.model.ema_rate < 1.0:
         problems.append(f"model.ema_rate must be in [0, 1), got {config.model.ema_rate}")
     if problems:
@@ -335,23 +342,32 @@ def _save_samples_png(path: str, samples: np.ndarray, exp: Experiment, centered:
         plotting.save_scatter(path, samples, ref[:, :2] if ref.shape[1] > 2 else ref, title=title)
 
 
-def draw_samples(exp: Experiment, config, params, mesh: Mesh, num: int, key: jax.Array
-                 ) -> tuple[np.ndarray, int]:
-    """`num` samples (num, *data_shape) in data space, in batches of sampling.batch_size."""
+def sample_batches(exp: Experiment, config, params, mesh: Mesh, num: int, key: jax.Array
+                   ) -> Iterator[tuple[np.ndarray, int]]:
+    """Yields (samples (b, *data_shape) in data space, NFE) in batches of sampling.batch_size,
+    `num` samples in all (the last batch cut to size); batch i uses fold_in(key, i)."""
     bs = config.sampling.batch_size
     cache_key = ("sampler", config.sampling.to_json(), id(mesh))
     if cache_key not in exp.compiled:
         exp.compiled[cache_key] = make_sampler(exp, config.sampling, bs, mesh)
     sampler = exp.compiled[cache_key]
     label_sharding = NamedSharding(mesh, P(DATA_AXIS))
-    out, nfe = [], 0
     for i in range(math.ceil(num / bs)):
         k = jax.random.fold_in(key, i)
         y = (jax.random.randint(jax.random.fold_in(k, 1), (bs,), 0, config.model.num_classes)
              if exp.conditional else jnp.zeros((bs,), jnp.int32))
         x, nfe = sampler(params, k, jax.device_put(y, label_sharding))
-        out.append(np.asarray(jax.device_get(x)))
-    return np.concatenate(out)[:num], int(np.max(nfe))
+        yield np.asarray(jax.device_get(x))[:num - i * bs], int(np.max(nfe))
+
+
+def draw_samples(exp: Experiment, config, params, mesh: Mesh, num: int, key: jax.Array
+                 ) -> tuple[np.ndarray, int]:
+    """`num` samples (num, *data_shape) in data space, in batches of sampling.batch_size."""
+    out, nfes = [], [0]
+    for x, nfe in sample_batches(exp, config, params, mesh, num, key):
+        out.append(x)
+        nfes.append(nfe)
+    return np.concatenate(out), max(nfes)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -381,8 +397,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Reports the eval-split loss of the EMA parameters (the score-matching objective), with
     `eval.enable_bpd` the likelihood of eval data through the probability-flow ODE (bits/dim for
-    images, nats per example for points; `eval_likelihood`) and, for
-    low-dimensional data, the sliced Wasserstein distance and MMD between `sampling.num_samples`
+    images, nats per example for points; `eval_likelihood`); for images with `eval.enable_fid`
+    FID / KID / Inception Score of `eval.fid_num_samples` samples (`eval_sample_quality`); for
+    low-dimensional data the sliced Wasserstein distance and MMD between `sampling.num_samples`
     samples (configured sampler) and the eval split. Returns the record written.
     """
     exp = build(config)
@@ -393,6 +410,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise FileNotFoundError(f"No checkpoint in {checkpointing.checkpoint_dir(workdir)}: train "
                                 f"first with --mode train --workdir {workdir}.")
     step = int(state.step)
+    extractor = None
+    if exp.dataset.is_image and config.eval.enable_fid:
+        # The Inception weights load (or fail, saying how to get them) before any long work.
+        extractor = make_inception_extractor(config.eval)
     t0 = time.time()
     record = {"step": step,
               "eval_loss": eval_loss(exp, config, state.ema_params, config.eval.num_batches,
@@ -402,6 +423,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         record.update(eval_likelihood(exp, config, state.ema_params, mesh))
     if not exp.dataset.is_image:
         record.update(_sample_distances(exp, config, state.ema_params, mesh))
+    if extractor is not None:
+        record.update(eval_sample_quality(exp, config, state.ema_params, mesh, workdir,
+                                          extractor))
     record["seconds"] = round(time.time() - t0, 2)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
@@ -495,6 +519,104 @@ def _sample_distances(exp: Experiment, config, params, mesh: Mesh) -> dict:
             "mmd": float(metrics.mmd_rbf(samples[:m], ref[:m])),
             "mmd_data_floor": float(metrics.mmd_rbf(train_points[:m], ref[:m])),
             "sampler_nfe": nfe, "num_samples": len(samples)}
+
+
+def make_inception_extractor(eval_config) -> metrics.InceptionExtractor:
+    """The FID Inception network on this process's devices (batch split over them if it divides)."""
+    local = jax.local_devices()
+    sharding = None
+    if len(local) > 1 and eval_config.fid_batch_size % len(local) == 0:
+        sharding = NamedSharding(Mesh(np.array(local), (DATA_AXIS,)), P(DATA_AXIS))
+    return metrics.InceptionExtractor(eval_config.inception_weights or None,
+                                      eval_config.fid_batch_size, sharding)
+
+
+def reference_statistics(exp: Experiment, config, workdir: str,
+                         extractor: metrics.InceptionExtractor) -> tuple[metrics.FeatureStats,
+                                                                         str]:
+    """Inception statistics of the data split `eval.fid_ref_split`, computed once and cached.
+
+    The cache file (in `eval.fid_stats_dir`, default `<workdir>/fid_stats`) is named after the
+    dataset, split, image size, number of examples and the Inception weights' hash, so a change
+    of any of them computes new statistics. Images are the split's 8-bit pixels as stored (no
+    dequantization or flips). Returns the statistics and a description for the record.
+    """
+    e = config.eval
+    split = e.fid_ref_split
+    source = exp.dataset.split(split)
+    n = len(source) if e.fid_ref_max_examples <= 0 else min(len(source), e.fid_ref_max_examples)
+    h, w, _ = exp.dataset.data_shape
+    fingerprint = metrics.fid.weights_fingerprint(extractor.weights_path)
+    name = f"{exp.dataset.name}_{split}_{h}x{w}_{n}_{fingerprint}.npz"
+    path = os.path.join(e.fid_stats_dir or os.path.join(workdir, "fid_stats"), name)
+    description = f"{exp.dataset.name}/{split} ({n} images)"
+    if os.path.exists(path):
+        stats, _ = metrics.FeatureStats.load(path)
+        print(f"reference statistics of {description}: {path}", flush=True)
+        return stats, description
+    print(f"computing reference Inception statistics of {description} once; cached in {path}",
+          flush=True)
+    bs = extractor.batch_size
+
+    def batches():
+        for start in range(0, n, bs):
+            levels, _ = datasets.take(source, np.arange(start, min(start + bs, n)))
+            yield metrics.fid.to_pixels(levels / np.float32(exp.dataset.num_levels - 1))
+
+    stats = extractor.stats(_progress(batches(), n, bs, "reference images"),
+                            max_keep=max(e.kid_subset_size, 10_000))
+    if jax.process_index() == 0:
+        stats.save(path, dataset=exp.dataset.name, split=split, num_examples=n,
+                   weights=fingerprint)
+    return stats, description
+
+
+def _progress(batches: Iterator, total: int, batch_size: int, what: str,
+              every_seconds: float = 30.0) -> Iterator:
+    """Passes batches through, printing how many of `total` are done now and then."""
+    t0 = last = time.time()
+    done = 0
+    for batch in batches:
+        yield batch
+        done = min(total, done + batch_size)
+        now = time.time()
+        if now - last >= every_seconds or done == total:
+            rate = done / max(now - t0, 1e-9)
+            print(f"  {what}: {done}/{total}  {rate:.1f}/s  ETA {_hms((total - done) / rate)}",
+                  flush=True)
+            last = now
+
+
+def eval_sample_quality(exp: Experiment, config, params, mesh: Mesh, workdir: str,
+                        extractor: metrics.InceptionExtractor) -> dict:
+    """FID, KID and (if the weights have the classifier) Inception Score of
+    `eval.fid_num_samples` samples of the configured sampler against `reference_statistics`.
+
+    Samples stream through the Inception network batch by batch, so 50k samples need memory for
+    one batch and the running statistics only. The record says which sampler and NFE.
+    """
+    e = config.eval
+    ref, ref_description = reference_statistics(exp, config, workdir, extractor)
+    num = e.fid_num_samples
+    s = config.sampling
+    print(f"FID / KID: {num} samples ({s.method} sampler) against {ref_description}", flush=True)
+    inverse = datasets.inverse_scaler(config.data.centered)
+    gen = metrics.FeatureStats(max_keep=max(e.kid_subset_size, 10_000))
+    nfe = 0
+    batches = sample_batches(exp, config, params, mesh, num, _base_key(config.seed, "fid"))
+    for x, batch_nfe in _progress(batches, num, s.batch_size, "samples"):
+        nfe = max(nfe, batch_nfe)
+        if not np.all(np.isfinite(x)):
+            raise FloatingPointError(f"Sampling produced non-finite values (sampler {s.method}); "
+                                     f"no FID was recorded.")
+        gen.update(*extractor(metrics.fid.to_pixels(inverse(x))))
+    out = metrics.sample_quality(gen, ref, e.kid_subsets, e.kid_subset_size, e.is_splits)
+    if not extractor.has_logits:
+        print("Inception Score: not available (the converted Inception weights have no "
+              "classifier layer; see README, 'Sample quality')", flush=True)
+    out.update(fid_num_samples=num, fid_reference=ref_description, sampler=s.method,
+               sampler_nfe=nfe)
+    return out
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -12,7 +12,9 @@ Experiments import `get_default_config()` and override only what differs. Keys:
   sampling.{method, steps, predictor, corrector, snr, n_steps_each, noise_removal, eps,
   order, eta, rho, s_churn, rtol, atol, ode_solver, batch_size, num_samples};
   eval.{batch_size, num_batches, enable_bpd, bpd_num_batches, bpd_divergence, likelihood_eps,
-  likelihood_rtol, likelihood_atol}.
+  likelihood_rtol, likelihood_atol, enable_fid, fid_num_samples, fid_batch_size, fid_ref_split,
+  fid_ref_max_examples, fid_stats_dir, inception_weights, kid_subsets, kid_subset_size,
+  is_splits}.
 """
 
 import ml_collections
@@ -108,4 +110,15 @@ def get_default_config() -> ml_collections.ConfigDict:
     evaluation.likelihood_eps = 1e-5
     evaluation.likelihood_rtol = 1e-5
     evaluation.likelihood_atol = 1e-5
+    # FID / KID / Inception Score of samples (image data; `--mode eval`); see diffusion/metrics.
+    evaluation.enable_fid = True
+    evaluation.fid_num_samples = 50_000   # the papers' FID uses 50k samples
+    evaluation.fid_batch_size = 200       # Inception batch (299 x 299 inputs)
+    evaluation.fid_ref_split = "train"    # reference statistics: this split ("train" | "eval")
+    evaluation.fid_ref_max_examples = 0   # 0: the whole split
+    evaluation.fid_stats_dir = ""         # cache of reference statistics; "": <workdir>/fid_stats
+    evaluation.inception_weights = ""     # converted .npz; "": ~/.cache/diffusion/ (see README)
+    evaluation.kid_subsets = 100
+    evaluation.kid_subset_size = 1000
+    evaluation.is_splits = 10
     return config

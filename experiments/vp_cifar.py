@@ -66,6 +66,9 @@ def smoke(config):
     config.eval.batch_size = 4
     config.eval.num_batches = 1
     config.eval.likelihood_rtol = config.eval.likelihood_atol = 1e-3  # a quick solve
+    config.eval.fid_num_samples = 8       # FID / KID of 8 samples against 16 training images
+    config.eval.fid_batch_size = 8
+    config.eval.fid_ref_max_examples = 16
     config.data.num_workers = 0           # one thread: tfds.testing.mock_data is per process
     return config
 

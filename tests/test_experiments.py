@@ -27,9 +27,15 @@ def _data_context(config):
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_smoke_variant_trains_samples_and_evaluates(name, tmp_path):
+def test_smoke_variant_trains_samples_and_evaluates(name, tmp_path, request):
     config = importlib.import_module(f"experiments.{name}").get_config("smoke")
     workdir = str(tmp_path)
+    fid = config.data.image_size > 0
+    if fid:
+        try:   # FID / KID where the metrics extra is installed (CI installs it)
+            config.eval.inception_weights = request.getfixturevalue("inception_weights")
+        except pytest.skip.Exception:
+            config.eval.enable_fid = fid = False
     with _data_context(config):
         state = train.train_and_evaluate(config, workdir)
         assert int(state.step) == config.training.n_iters
@@ -56,6 +62,12 @@ def test_smoke_variant_trains_samples_and_evaluates(name, tmp_path):
     assert np.isfinite(record[likelihood_key]) and record["likelihood_nfe"] > 0
     if likelihood_key == "bpd":   # an untrained model is far from the data, but not absurd
         assert 0.0 < record["bpd"] < 100.0
+    if fid:   # an untrained model's noise is far from the data in Inception space
+        assert record["fid"] > 10.0 and record["kid"] > 0.0
+        assert record["fid_num_samples"] == config.eval.fid_num_samples
+        assert record["sampler"] == config.sampling.method and record["sampler_nfe"] > 0
+        stats = os.listdir(os.path.join(workdir, "fid_stats"))
+        assert len(stats) == 1 and stats[0].endswith(".npz")   # cached reference statistics
 
 
 @pytest.mark.slow     # 25-45 s each from a cold compilation cache; the CIFAR ones cover the code

@@ -1,4 +1,12 @@
-"""Sample-quality measures (FID / KID / IS come with the Inception network)."""
+"""Sample-quality measures: FID / KID / Inception Score with the FID Inception network (pure JAX),
+and sliced Wasserstein / MMD for low-dimensional data."""
 
-from diffusion.metrics.sample_quality import mmd_rbf as mmd_rbf
-from diffusion.metrics.sample_quality import sliced_wasserstein as sliced_wasserstein
+from diffusion.metrics.distances import mmd_rbf as mmd_rbf
+from diffusion.metrics.distances import sliced_wasserstein as sliced_wasserstein
+from diffusion.metrics.fid import FeatureStats as FeatureStats
+from diffusion.metrics.fid import InceptionExtractor as InceptionExtractor
+from diffusion.metrics.fid import frechet_distance as frechet_distance
+from diffusion.metrics.fid import inception_features as inception_features
+from diffusion.metrics.fid import inception_score as inception_score
+from diffusion.metrics.fid import kid as kid
+from diffusion.metrics.fid import sample_quality as sample_quality
