@@ -601,15 +601,19 @@ def eval_sample_quality(exp: Experiment, config, params, mesh: Mesh, workdir: st
     s = config.sampling
     print(f"FID / KID: {num} samples ({s.method} sampler) against {ref_description}", flush=True)
     inverse = datasets.inverse_scaler(config.data.centered)
-    gen = metrics.FeatureStats(max_keep=max(e.kid_subset_size, 10_000))
     nfe = 0
-    batches = sample_batches(exp, config, params, mesh, num, _base_key(config.seed, "fid"))
-    for x, batch_nfe in _progress(batches, num, s.batch_size, "samples"):
-        nfe = max(nfe, batch_nfe)
-        if not np.all(np.isfinite(x)):
-            raise FloatingPointError(f"Sampling produced non-finite values (sampler {s.method}); "
-                                     f"no FID was recorded.")
-        gen.update(*extractor(metrics.fid.to_pixels(inverse(x))))
+
+    def pixels():
+        nonlocal nfe
+        batches = sample_batches(exp, config, params, mesh, num, _base_key(config.seed, "fid"))
+        for x, batch_nfe in _progress(batches, num, s.batch_size, "samples"):
+            nfe = max(nfe, batch_nfe)
+            if not np.all(np.isfinite(x)):
+                raise FloatingPointError(f"Sampling produced non-finite values (sampler "
+                                         f"{s.method}); no FID was recorded.")
+            yield metrics.fid.to_pixels(inverse(x))
+
+    gen = extractor.stats(pixels(), max_keep=max(e.kid_subset_size, 10_000))
     out = metrics.sample_quality(gen, ref, e.kid_subsets, e.kid_subset_size, e.is_splits)
     if not extractor.has_logits:
         print("Inception Score: not available (the converted Inception weights have no "

@@ -439,3 +439,30 @@ def test_params_from_state_dict_names_a_wrongly_shaped_layer():
         inception.params_from_state_dict(state)
     assert "188 arrays, 188 expected" in str(err.value)
     assert "['conv']['kernel']" in str(err.value)
+
+
+def test_extractor_stats_regroups_uneven_batches_into_full_network_batches():
+    """Sample batches of any size reach the network in full batches (only the last one short),
+    and the statistics equal those of all images at once."""
+
+    class Recording(fid.InceptionExtractor):
+        def __init__(self):                  # no weights: features are a fixed projection
+            self.batch_size, self.calls = 4, []
+            self.proj = np.random.default_rng(0).normal(size=(3, inception.FEATURE_DIM))
+
+        def __call__(self, images):
+            self.calls.append(len(images))
+            return images.reshape(len(images), -1)[:, :3] @ self.proj, None
+
+    rng = np.random.default_rng(1)
+    batches = [rng.uniform(0, 255, size=(n, 2, 2, 1)) for n in (3, 3, 1, 6, 2)]
+    ext = Recording()
+    stats = ext.stats(iter(batches))
+    assert ext.calls == [4, 8, 3]   # whole multiples of the batch (split by __call__), then 3
+    every = np.concatenate(batches)
+    mean, cov = stats.mean_cov()
+    ref = every.reshape(len(every), -1)[:, :3] @ ext.proj
+    scale = np.abs(ref).max()                     # images pass through float32
+    np.testing.assert_allclose(mean, ref.mean(0), atol=1e-6 * scale)
+    np.testing.assert_allclose(cov, np.cov(ref, rowvar=False), atol=1e-6 * scale**2)
+    np.testing.assert_allclose(stats.features, ref, atol=1e-6 * scale)

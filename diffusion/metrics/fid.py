@@ -233,9 +233,21 @@ class InceptionExtractor:
         return np.concatenate(pools), (np.concatenate(logits) if logits else None)
 
     def stats(self, batches: Iterable, max_keep: int = 10_000) -> FeatureStats:
+        """Statistics of all images in `batches` (any sizes), regrouped into full network
+        batches so that only the last one is padded."""
         stats = FeatureStats(max_keep=max_keep)
+        pending: list[np.ndarray] = []
+        count = 0
         for images in batches:
-            stats.update(*self(images))
+            pending.append(np.asarray(images, np.float32))
+            count += len(images)
+            if count >= self.batch_size:
+                merged = np.concatenate(pending)
+                full = count - count % self.batch_size
+                stats.update(*self(merged[:full]))
+                pending, count = [merged[full:]], count - full
+        if count:
+            stats.update(*self(np.concatenate(pending)))
         return stats
 
 
