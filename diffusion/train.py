@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -537,9 +538,10 @@ def reference_statistics(exp: Experiment, config, workdir: str,
     """Inception statistics of the data split `eval.fid_ref_split`, computed once and cached.
 
     The cache file (in `eval.fid_stats_dir`, default `<workdir>/fid_stats`) is named after the
-    dataset, split, image size, number of examples and the Inception weights' hash, so a change
-    of any of them computes new statistics. Images are the split's 8-bit pixels as stored (no
-    dequantization or flips). Returns the statistics and a description for the record.
+    dataset, the stored split (e.g. tfds "train"), crop, image size, number of examples and the
+    Inception weights' hash, so a change of any of them computes new statistics. Images are the
+    split's 8-bit pixels as stored (no dequantization or flips). Returns the statistics and a
+    description for the record.
     """
     e = config.eval
     split = e.fid_ref_split
@@ -547,7 +549,10 @@ def reference_statistics(exp: Experiment, config, workdir: str,
     n = len(source) if e.fid_ref_max_examples <= 0 else min(len(source), e.fid_ref_max_examples)
     h, w, _ = exp.dataset.data_shape
     fingerprint = metrics.fid.weights_fingerprint(extractor.weights_path)
-    name = f"{exp.dataset.name}_{split}_{h}x{w}_{n}_{fingerprint}.npz"
+    stored = config.data.train_split if split == "train" else config.data.eval_split
+    crop = f"_crop{config.data.crop_size}" if config.data.crop_size else ""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-",
+                  f"{exp.dataset.name}_{stored}{crop}_{h}x{w}_{n}_{fingerprint}") + ".npz"
     path = os.path.join(e.fid_stats_dir or os.path.join(workdir, "fid_stats"), name)
     description = f"{exp.dataset.name}/{split} ({n} images)"
     if os.path.exists(path):

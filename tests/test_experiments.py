@@ -13,7 +13,9 @@ import pytest
 from diffusion import datasets, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = ["digits", "toy_2d", "ddpm_cifar", "vp_cifar", "subvp_cifar", "ve_cifar"]
+EXPERIMENTS = ["digits", "toy_2d", "ddpm_cifar", "vp_cifar", "ve_cifar",
+               # The same network and loops as vp_cifar with another SDE (tested on its own):
+               pytest.param("subvp_cifar", marks=pytest.mark.slow)]
 # Higher resolutions: their smoke variants are only trained (and checkpointed), to save time.
 TRAIN_ONLY = ["vp_celeba64", "ve_celebahq256"]
 
