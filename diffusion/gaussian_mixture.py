@@ -5,13 +5,14 @@ x_t = alpha(t) x_0 + sigma(t) z, so the marginal at time t is again a mixture,
 
     p_t(x) = sum_k pi_k N(x; alpha(t) mu_k, alpha(t)^2 S_k + sigma(t)^2 I),
 
-with alpha, sigma from `sde.marginal_coeffs` (for the VE SDE, alpha = 1 and sigma(t)^2 is
-sigma(t)^2 - sigma_min^2, as that method returns). With the eigendecomposition S_k = U_k diag(lam_k)
-U_k^T, computed once at construction, component k at time t is U_k diag(v_k(t)) U_k^T with
-v_k(t) = alpha(t)^2 lam_k + sigma(t)^2, so densities, scores and samples need one rotation into
-each eigenbasis (cost B K D^2), and none at all when every S_k is diagonal (cost B K D). The score
-is grad_x log p_t(x) = -sum_k r_k(x) C_k(t)^{-1} (x - alpha(t) mu_k) with the responsibilities
-r_k(x) = softmax_k(log pi_k + log N_k(x)), computed from log-densities (stable).
+with alpha, sigma from `sde.marginal_coeffs` (for the VE SDE alpha = 1 and, with score_sde's
+convention, sigma(t) = sigma_min (sigma_max / sigma_min)^t: p_0 is then the data blurred by
+sigma_min, a marginal the SDE carries forward exactly). With the eigendecomposition S_k = U_k
+diag(lam_k) U_k^T, computed once at construction, component k at time t is U_k diag(v_k(t)) U_k^T
+with v_k(t) = alpha(t)^2 lam_k + sigma(t)^2, so densities, scores and samples need one rotation
+into each eigenbasis (cost B K D^2), and none at all when every S_k is diagonal (cost B K D). The
+score is grad_x log p_t(x) = -sum_k r_k(x) C_k(t)^{-1} (x - alpha(t) mu_k) with the
+responsibilities r_k(x) = softmax_k(log pi_k + log N_k(x)), computed from log-densities (stable).
 
 Shapes: weights (K,), means (K, D), covs (K, D, D); x is (B, D) and t is (B,) (or a scalar);
 log-densities are (B,), scores (B, D). Every method is pure jnp and may be jitted with the mixture

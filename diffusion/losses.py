@@ -9,7 +9,9 @@ Every loss is built by a `make_*_loss` factory from the SDE and a score model
 with batch = {"x": (B, ...) data, "label": (B,) ints} and key a (B,) array of per-example PRNG
 keys: the noise level and the noise an example gets depend only on its key, never on how the
 batch is split over devices (dropout, drawn for the whole batch, is the one exception). A single
-key is also accepted and split per example. The caller reduces over the batch.
+key is also accepted and split per example. The caller reduces over the batch. The discrete
+losses (DDPM, SMLD) condition the network on a level of the SDE's chain rather than a time, so
+they take a `ScoreModel` built with continuous=False and call its `at_level`.
 """
 
 from __future__ import annotations
@@ -80,30 +82,42 @@ def make_dsm_loss(sde: SDE, score_model: Callable, *, reduce_mean: bool = True,
     return loss_fn
 
 
+def _draw_level(key: Array, x0: Array, num_levels: int) -> tuple[Array, Array, Array]:
+    """Per-example noise z like x0 and a level i ~ U{0, ..., num_levels - 1} (B,), plus one
+    dropout key; as `_draw`, each example's draws come from its own key."""
+    z, u, dropout_rng = _draw(key, x0)
+    return z, jnp.minimum(jnp.floor(u * num_levels), num_levels - 1).astype(jnp.int32), dropout_rng
+
+
+def _check_discrete_model(score_model, loss: str) -> None:
+    if not hasattr(score_model, "at_level"):
+        raise ValueError(f"The {loss} loss conditions the network on discrete levels: it needs a "
+                         f"score model with `at_level` (diffusion.models.ScoreModel built with "
+                         f"continuous=False, i.e. training.continuous=False).")
+
+
 def make_ddpm_loss(sde: SDE, score_model: Callable, *, reduce_mean: bool = True) -> LossFn:
-    """The DDPM epsilon loss on the discrete chain of a VP-type SDE (Ho et al. 2020, eq. 14).
+    """DDPM's L_simple on the discrete chain of a VP-type SDE (Ho et al. 2020, eq. 14).
 
     i ~ U{0, ..., N-1}, x_i = sqrt(bar-alpha_i) x_0 + sqrt(1 - bar-alpha_i) z, and the loss is
-    || eps_hat + z ||^2 with eps_hat = sqrt(1 - bar-alpha_i) s(x_i, t_i) the score's epsilon, with
-    the network evaluated at t_i = i T / (N - 1), the time of level i on score_sde's grid.
+    || eps_theta(x_i, i) - z ||^2 with eps_theta = -sqrt(1 - bar-alpha_i) s(x_i, i), the network's
+    epsilon (for an "epsilon" model its output itself, up to rounding), conditioned on level i as
+    score_sde's DDPM loss conditions it (`ScoreModel.at_level`). Level 0 has
+    sqrt(1 - bar-alpha_0) = sqrt(beta_0), 0.01 for the defaults: every level is finite.
     """
     if not hasattr(sde, "alphas_cumprod"):
         raise ValueError(f"The DDPM loss needs a VP-type SDE with a discrete chain; got "
                          f"{type(sde).__name__}. Use config.sde.name='vpsde' or 'cosine_vpsde', "
                          f"or training.continuous=True.")
-    alphas_cumprod = jnp.asarray(sde.alphas_cumprod, jnp.float32)
+    _check_discrete_model(score_model, "DDPM")
 
     def loss_fn(params, batch, key):
         x0 = batch["x"]
-        z, u, dropout_rng = _draw(key, x0)
-        i = jnp.minimum(jnp.floor(u * sde.N), sde.N - 1).astype(jnp.int32)
-        abar = alphas_cumprod[i]
-        std = jnp.sqrt(1.0 - abar)
-        xt = batch_broadcast(jnp.sqrt(abar), x0) * x0 + batch_broadcast(std, x0) * z
-        t = i.astype(x0.dtype) * sde.T / (sde.N - 1)
-        score = score_model(params, xt, t, y=batch.get("label"), train=True,
-                            rng=dropout_rng)
-        return _reduce((batch_broadcast(std, x0) * score + z) ** 2, reduce_mean)
+        z, i, dropout_rng = _draw_level(key, x0, sde.N)
+        alpha, sigma = (batch_broadcast(c, x0) for c in sde.discrete_coeffs(i))
+        score = score_model.at_level(params, alpha * x0 + sigma * z, i, y=batch.get("label"),
+                                     train=True, rng=dropout_rng)
+        return _reduce((sigma * score + z) ** 2, reduce_mean)
 
     return loss_fn
 
@@ -112,22 +126,20 @@ def make_smld_loss(sde: SDE, score_model: Callable, *, reduce_mean: bool = False
     """The SMLD / NCSN loss on VESDE's discrete noise levels (Song & Ermon 2019, eq. 5-6).
 
     i ~ U{0, ..., N-1}, x = x_0 + sigma_i z, and the loss is
-    sigma_i^2 || s(x, t_i) + z / sigma_i ||^2 (the lambda(sigma) = sigma^2 weighting), at
-    t_i = i T / (N - 1) where sigma(t_i) = sigma_i.
+    sigma_i^2 || s(x, i) + z / sigma_i ||^2 (the lambda(sigma) = sigma^2 weighting), with the
+    network conditioned on level i as score_sde's SMLD loss conditions it (`ScoreModel.at_level`).
     """
     if not isinstance(sde, VESDE):
         raise ValueError(f"The SMLD loss is defined for the VE SDE; got {type(sde).__name__}. Use "
                          f"config.sde.name='vesde' or training.continuous=True.")
-    sigmas = jnp.asarray(sde.discrete_sigmas, jnp.float32)
+    _check_discrete_model(score_model, "SMLD")
 
     def loss_fn(params, batch, key):
         x0 = batch["x"]
-        z, u, dropout_rng = _draw(key, x0)
-        i = jnp.minimum(jnp.floor(u * sde.N), sde.N - 1).astype(jnp.int32)
-        sigma = batch_broadcast(sigmas[i], x0)
-        t = i.astype(x0.dtype) * sde.T / (sde.N - 1)
-        score = score_model(params, x0 + sigma * z, t, y=batch.get("label"), train=True,
-                            rng=dropout_rng)
+        z, i, dropout_rng = _draw_level(key, x0, sde.N)
+        sigma = batch_broadcast(sde.discrete_coeffs(i)[1], x0)
+        score = score_model.at_level(params, x0 + sigma * z, i, y=batch.get("label"),
+                                     train=True, rng=dropout_rng)
         return _reduce((sigma * score + z) ** 2, reduce_mean)
 
     return loss_fn

@@ -5,31 +5,57 @@ v = alpha^2 s^2 + sigma^2, the exact score is -(x - alpha mu) / v, and per dimen
 E[(sigma * score + z)^2] = alpha^2 s^2 / v: the irreducible part of the denoising loss.
 """
 
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_params
 from scipy import integrate
 
-from diffusion import losses
+from diffusion import losses, models
 from diffusion import sde as sde_lib
 
 MU, S, D, B = 0.7, 0.5, 3, 40_000
 
 
-def exact_score_model(sde, scale=1.0, discrete=None):
+def exact_score_model(sde, scale=1.0):
     """A score model with no parameters that returns (scale times) the exact score."""
 
     def score_model(params, x, t, *, y=None, train=False, rng=None):
         del params, y, train, rng
-        if discrete is None:
-            alpha, sigma = sde.marginal_coeffs(t)
-        else:  # the discrete chain's level nearest t
-            alpha, sigma = discrete(jnp.round(t * (sde.N - 1) / sde.T).astype(jnp.int32))
+        alpha, sigma = sde.marginal_coeffs(t)
         v = alpha**2 * S**2 + sigma**2
         return -scale * (x - alpha[:, None] * MU) / v[:, None]
 
     return score_model
+
+
+class IdealLevelNet(nn.Module):
+    """The exact network output at the discrete level its conditioning names, for N(MU, S^2 I)
+    data: DDPM's epsilon (given step index i) or SMLD's sigma-scaled score (given score_sde's
+    descending label N - 1 - i). A wrong label from the score model gives the wrong level."""
+
+    sde: Any
+    kind: str          # "ddpm" | "smld"
+    scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x, c_noise, y=None, train=False):
+        label = jnp.round(c_noise).astype(jnp.int32)
+        i = label if self.kind == "ddpm" else self.sde.N - 1 - label
+        alpha, sigma = (c[:, None] for c in self.sde.discrete_coeffs(i))
+        score = -self.scale * (x - alpha * MU) / (alpha**2 * S**2 + sigma**2)
+        return -sigma * score if self.kind == "ddpm" else sigma * score
+
+
+def discrete_score_model(sde, kind, scale=1.0):
+    net = IdealLevelNet(sde, kind, scale)
+    if kind == "ddpm":
+        return models.make_score_model(net, sde, "epsilon", continuous=False)
+    return models.make_score_model(net, sde, "score", scale_by_sigma=True, continuous=False)
 
 
 def batch(key):
@@ -83,26 +109,53 @@ def test_dsm_likelihood_weighting_and_sum_reduction():
     assert abs(mean - expected) < 4 * se + 1e-3, (mean, expected, se)
 
 
-def test_ddpm_loss_at_exact_discrete_score():
-    sde = sde_lib.VPSDE()
-    abar = jnp.asarray(sde.alphas_cumprod, jnp.float32)
-    discrete = lambda i: (jnp.sqrt(abar[i]), jnp.sqrt(1.0 - abar[i]))
-    loss_fn = losses.make_ddpm_loss(sde, exact_score_model(sde, discrete=discrete))
-    mean, se = mean_and_se(loss_fn({}, batch(jax.random.key(4)), jax.random.key(5)))
-    a = np.asarray(sde.alphas_cumprod)
-    expected = np.mean(a * S**2 / (a * S**2 + 1.0 - a))
+def _check_exact_and_wrong(make_loss, sde, kind, expected, seed):
+    """The exact network reaches `expected`; one 10% off costs more on the same noise (paired)."""
+    data, key = batch(jax.random.key(seed)), jax.random.key(seed + 1)
+    exact = make_loss(sde, discrete_score_model(sde, kind))({}, data, key)
+    mean, se = mean_and_se(exact)
     assert abs(mean - expected) < 4 * se + 1e-4, (mean, expected, se)
+    wrong = make_loss(sde, discrete_score_model(sde, kind, scale=1.1))({}, data, key)
+    excess_mean, excess_se = mean_and_se(wrong - exact)
+    assert excess_mean > 10 * excess_se, (excess_mean, excess_se)
+
+
+def test_ddpm_loss_at_exact_discrete_epsilon():
+    """At the exact epsilon, L_simple is the mean over levels of abar s^2 / (abar s^2 + 1 - abar)
+    per dimension (Ho et al.'s loss of the ideal network)."""
+    sde = sde_lib.VPSDE()
+    a = np.asarray(sde.alphas_cumprod)
+    _check_exact_and_wrong(losses.make_ddpm_loss, sde, "ddpm",
+                           np.mean(a * S**2 / (a * S**2 + 1.0 - a)), seed=4)
 
 
 def test_smld_loss_at_exact_discrete_score():
     sde = sde_lib.VESDE()
-    sigmas = jnp.asarray(sde.discrete_sigmas, jnp.float32)
-    discrete = lambda i: (jnp.ones_like(sigmas[i]), sigmas[i])
-    loss_fn = losses.make_smld_loss(sde, exact_score_model(sde, discrete=discrete))
-    mean, se = mean_and_se(loss_fn({}, batch(jax.random.key(6)), jax.random.key(7)))
     sig = np.asarray(sde.discrete_sigmas)
-    expected = 0.5 * D * np.mean(S**2 / (S**2 + sig**2))
-    assert abs(mean - expected) < 4 * se + 1e-4, (mean, expected, se)
+    _check_exact_and_wrong(losses.make_smld_loss, sde, "smld",
+                           0.5 * D * np.mean(S**2 / (S**2 + sig**2)), seed=6)
+
+
+@pytest.mark.parametrize("sde_name", ["vpsde", "vesde"])
+def test_discrete_losses_are_finite_at_every_level(sde_name):
+    """A real network trained by the DDPM / SMLD loss on all N = 1000 levels, level 0 included
+    (whose sigma(t = 0) would be 0 for the continuous VP SDE)."""
+    sde = sde_lib.get_sde(sde_name)
+    net = models.MLP(hidden=16, n_layers=2)
+    score_model = (models.make_score_model(net, sde, "epsilon", continuous=False)
+                   if sde_name == "vpsde" else
+                   models.make_score_model(net, sde, "score", scale_by_sigma=True,
+                                           continuous=False))
+    x = {"x": MU + S * jax.random.normal(jax.random.key(10), (20_000, D))}
+    params = random_params(net, x["x"][:2], jnp.ones((2,)), scale=0.3)
+    keys = jax.random.split(jax.random.key(11), 20_000)
+    loss_fn = losses.get_loss_fn(sde, score_model, continuous=False, reduce_mean=True)
+    per_example = np.asarray(jax.jit(loss_fn)(params, x, keys))
+    _, levels, _ = losses._draw_level(keys, x["x"], sde.N)     # the levels the loss used
+    assert set(np.asarray(levels).tolist()) == set(range(sde.N))
+    assert np.all(np.isfinite(per_example)), np.asarray(levels)[~np.isfinite(per_example)]
+    grads = jax.grad(lambda p: jnp.mean(loss_fn(p, x, keys)))(params)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
 def test_noise_depends_only_on_the_example_key():
@@ -122,5 +175,7 @@ def test_discrete_losses_reject_the_wrong_sde():
         losses.make_ddpm_loss(sde_lib.VESDE(), exact_score_model(sde_lib.VESDE()))
     with pytest.raises(ValueError, match="VE SDE"):
         losses.make_smld_loss(sde_lib.VPSDE(), exact_score_model(sde_lib.VPSDE()))
+    with pytest.raises(ValueError, match="at_level"):   # a plain function has no levels
+        losses.make_ddpm_loss(sde_lib.VPSDE(), exact_score_model(sde_lib.VPSDE()))
     with pytest.raises(ValueError, match="continuous"):
         losses.get_loss_fn(sde_lib.VPSDE(), None, continuous=False, likelihood_weighting=True)

@@ -53,18 +53,36 @@ def test_sinusoidal_embedding_values():
     np.testing.assert_array_equal(odd[:, -1], 0.0)
 
 
-def test_fourier_projection_is_fixed_and_not_a_parameter():
+def test_fourier_projection_frequencies_are_an_untrained_parameter():
+    """score_sde's layout: W (E/2,) ~ N(0, scale^2) is a parameter "W" (so a checkpoint's
+    frequencies load) behind a stop-gradient (so training never changes it)."""
     proj = layers.GaussianFourierProjection(embed_dim=6, scale=16.0)
     t = jnp.array([0.5, -1.0])
     variables = proj.init(jax.random.key(0), t)
-    assert jax.tree.leaves(variables) == []  # nothing for the optimizer, EMA or weight decay
-    w = 16.0 * np.random.RandomState(0).standard_normal(3)
+    w = np.asarray(variables["params"]["W"])
+    assert w.shape == (3,)
     angles = 2 * np.pi * np.asarray(t)[:, None] * w[None, :]
     np.testing.assert_allclose(proj.apply(variables, t),
-                               np.concatenate([np.sin(angles), np.cos(angles)], -1), rtol=1e-4)
-    # Same frequencies whatever the init key.
-    np.testing.assert_array_equal(proj.apply(proj.init(jax.random.key(1), t), t),
-                                  proj.apply(variables, t))
+                               np.concatenate([np.sin(angles), np.cos(angles)], -1), rtol=1e-5)
+    grads = jax.grad(lambda p: jnp.sum(proj.apply({"params": p}, t)))(variables["params"])
+    np.testing.assert_array_equal(grads["W"], 0.0)
+    many = layers.GaussianFourierProjection(embed_dim=20_000, scale=16.0)
+    draws = np.asarray(many.init(jax.random.key(1), t)["params"]["W"])
+    assert abs(draws.std() - 16.0) < 0.5 and abs(draws.mean()) < 0.5
+
+
+def test_attention_projections_start_at_score_sde_scales():
+    """q, k, v at variance_scaling(0.1, fan_avg, uniform) (score_sde's NIN default), the output
+    projection at init_scale (0: zeros)."""
+    block = layers.AttnBlock()
+    x = jnp.zeros((1, 8, 8, 64))
+    params = block.init(jax.random.key(0), x)["params"]
+    bound = np.sqrt(3 * 0.1 / 64)              # uniform(-b, b) with b^2 / 3 = 0.1 / fan_avg
+    for name in ("q", "k", "v"):
+        kernel = np.asarray(params[name]["kernel"])
+        assert np.abs(kernel).max() <= bound
+        assert abs(kernel.std() - bound / np.sqrt(3)) < 0.05 * bound
+    np.testing.assert_array_equal(params["proj_out"]["kernel"], 0.0)
 
 
 @pytest.mark.parametrize("channels", [1, 3, 8, 24, 64, 96, 192, 256, 384, 640])

@@ -108,7 +108,7 @@ def test_ideal_network_float32(parameterization):
     """
     sde = SDES["ve"]
     score_model = models.make_score_model(GaussianIdealNet(sde, parameterization, True), sde,
-                                          parameterization)
+                                          parameterization, scale_input=True)
     x, t = _batch(t_min=1e-3)
     expected = _closed_form_score(sde, x, t)
     sigma = _expand(sde.marginal_coeffs(t)[1], x)
@@ -171,3 +171,52 @@ def test_unknown_names():
         models.make_score_model(Echo(), sde, parameterization="v")
     with pytest.raises(ValueError, match=r"noise input 'sigma'.*\['time', 'log_sigma'\]"):
         models.make_score_model(Echo(), sde, noise_input="sigma")
+
+
+def test_scale_by_sigma_and_centered_input():
+    """score_sde's VE models: the network sees 2 x - 1 of [0, 1] data and its output, divided
+    by sigma(t), is the score."""
+    sde = SDES["ve"]
+    x, t = _batch()
+    _, sigma = sde.marginal_coeffs(t)
+    model = models.make_score_model(Echo("x"), sde, "score", scale_by_sigma=True,
+                                    center_input=True)
+    np.testing.assert_allclose(model({}, x, t), (2 * x - 1) / _expand(sigma, x), rtol=1e-6)
+
+
+def test_discrete_models_are_conditioned_on_score_sde_labels():
+    """VP-type chains: level i is fed as the step index i (training) and time t as t (N - 1),
+    with sigma of level floor(t (N - 1)) (sampling); VE: the descending label N - 1 - i, and at
+    time t the label round((1 - t)(N - 1)) (score_sde's get_score_fn / DDPM and SMLD losses)."""
+    x = jnp.ones((4, 2))
+    i = jnp.array([0, 1, 500, 999])
+    t = jnp.array([0.0, 0.3337, 0.5, 1.0])
+    vp, ve = sde_lib.VPSDE(), sde_lib.VESDE()
+    fed = lambda sde, **kw: models.make_score_model(Echo("c_noise"), sde, "score",
+                                                    continuous=False, **kw)
+    np.testing.assert_allclose(fed(vp).at_level({}, x, i)[:, 0], i)
+    np.testing.assert_allclose(fed(vp)({}, x, t)[:, 0], 999.0 * t, rtol=1e-6)
+    np.testing.assert_allclose(fed(ve).at_level({}, x, i)[:, 0], 999 - i)
+    np.testing.assert_allclose(fed(ve)({}, x, t)[:, 0], np.round((1 - t) * 999))
+    # The output scale is the level's sigma: sqrt(1 - bar-alpha_i) (VP), sigma_i (VE).
+    abar = np.asarray(vp.alphas_cumprod)
+    eps_model = models.make_score_model(Echo("x"), vp, "epsilon", continuous=False)
+    np.testing.assert_allclose(eps_model.at_level({}, x, i)[:, 0], -1 / np.sqrt(1 - abar[i]),
+                               rtol=1e-6)
+    levels = np.floor(np.asarray(t) * 999).astype(int)
+    np.testing.assert_allclose(eps_model({}, x, t)[:, 0], -1 / np.sqrt(1 - abar[levels]),
+                               rtol=1e-6)
+    ve_model = models.make_score_model(Echo("x"), ve, "score", scale_by_sigma=True,
+                                       continuous=False)
+    np.testing.assert_allclose(ve_model.at_level({}, x, i)[:, 0],
+                               1 / np.asarray(ve.discrete_sigmas)[i], rtol=1e-6)
+
+
+def test_invalid_combinations():
+    sde = SDES["vp"]
+    with pytest.raises(ValueError, match="scale_by_sigma.*parameterization='score'"):
+        models.make_score_model(Echo(), sde, "epsilon", scale_by_sigma=True)
+    with pytest.raises(ValueError, match="scale_input assumes data centred"):
+        models.make_score_model(Echo(), sde, scale_input=True, center_input=True)
+    with pytest.raises(ValueError, match="SubVPSDE has none"):
+        models.make_score_model(Echo(), SDES["subvp"], continuous=False)

@@ -35,6 +35,7 @@ VARIANTS = [
     sde_lib.VPSDE(beta_min=0.3, beta_max=12.0, N=500),
     sde_lib.SubVPSDE(beta_min=0.2, beta_max=8.0, N=200),
     sde_lib.VESDE(sigma_min=0.05, sigma_max=20.0, N=300),
+    sde_lib.VESDE(sigma_min=0.02, sigma_max=30.0, N=300, exact_std=True),
     sde_lib.CosineVPSDE(N=400, s=0.02),
 ]
 VARIANT_IDS = [f"{type(s).__name__}-{i}" for i, s in enumerate(VARIANTS)]
@@ -86,8 +87,13 @@ def test_marginals_match_independently_integrated_moment_odes(sde, x64):
         f, g = f_and_g(t)
         return [f * y[0], 2.0 * f * y[1] + g**2]
 
-    # An explicit 8th-order Runge-Kutta: the cosine schedule is stiff only on its last 0.002.
-    sol = integrate.solve_ivp(rhs, (0.0, 1.0), [1.0, 0.0], method="DOP853", t_eval=TIMES,
+    # From the marginal at t = 0: the clean data for every SDE but score_sde's VE convention,
+    # whose p_0 carries noise of std sigma_min. An explicit 8th-order Runge-Kutta: the cosine
+    # schedule is stiff only on its last 0.002.
+    variance0 = float(sde.marginal_coeffs(jnp.zeros((1,), jnp.float64))[1][0]) ** 2
+    expected0 = sde.sigma_min**2 if isinstance(sde, sde_lib.VESDE) and not sde.exact_std else 0.0
+    assert variance0 == pytest.approx(expected0, rel=1e-12, abs=1e-30)
+    sol = integrate.solve_ivp(rhs, (0.0, 1.0), [1.0, variance0], method="DOP853", t_eval=TIMES,
                               rtol=1e-11, atol=1e-15)
     assert sol.success, sol.message
     alpha, sigma = (np.asarray(c) for c in sde.marginal_coeffs(jnp.asarray(TIMES)))
@@ -105,7 +111,9 @@ def closed_form(sde, t):
         return alpha, 1 - alpha**2
     if isinstance(sde, sde_lib.VESDE):
         ratio = sde.sigma_max / sde.sigma_min
-        return np.ones_like(t), np.sqrt(sde.sigma_min**2 * (ratio ** (2 * t) - 1))
+        if sde.exact_std:  # the SDE started at the clean data
+            return np.ones_like(t), np.sqrt(sde.sigma_min**2 * (ratio ** (2 * t) - 1))
+        return np.ones_like(t), sde.sigma_min * ratio**t   # score_sde's sigma(t) (its eq. 31)
     if isinstance(sde, sde_lib.CosineVPSDE):
         s = sde.s
         alpha2 = np.cos(np.pi / 2 * (t + s) / (1 + s)) ** 2 / np.cos(np.pi / 2 * s / (1 + s)) ** 2
@@ -284,9 +292,13 @@ def test_ve_discretize_is_smld(x64):
     np.testing.assert_array_equal(f, 0.0)
     var = np.cumsum(np.asarray(G) ** 2)  # accumulated variance after step i
     np.testing.assert_allclose(var, sigmas**2, rtol=1e-10)
-    # Level i sits at t_i = i / (N - 1): continuous variance + sigma_min^2 (level 0's noise).
-    _, std = sde.marginal_coeffs(jnp.arange(sde.N) / (sde.N - 1))
-    np.testing.assert_allclose(np.asarray(std) ** 2 + sde.sigma_min**2, var, rtol=1e-9)
+    # Level i sits at t_i = i / (N - 1), where score_sde's sigma(t_i) is sigma_i; the exact
+    # std of the SDE started at clean data misses level 0's noise sigma_min^2.
+    t_levels = jnp.arange(sde.N) / (sde.N - 1)
+    _, std = sde.marginal_coeffs(t_levels)
+    np.testing.assert_allclose(np.asarray(std) ** 2, var, rtol=1e-9)
+    _, exact = dataclasses.replace(sde, exact_std=True).marginal_coeffs(t_levels)
+    np.testing.assert_allclose(np.asarray(exact) ** 2 + sde.sigma_min**2, var, rtol=1e-9)
 
 
 def test_subvp_discretize_is_euler_maruyama(x64):

@@ -3,7 +3,8 @@
     net = get_model(config)                                  # chosen by config.model.name
     variables = net.init(key, x, t, train=False)             # x (B, H, W, C) or (B, D), t (B,)
     out = net.apply(variables, x, t, train=True, rngs={"dropout": key})   # shaped like x
-    score_model = make_score_model(net, sde, "epsilon", "time")
+    score_model = get_score_model(config)      # network + SDE + parameterisation of a config
+    s = score_model(params, x, t, y=None, train=False, rng=None)          # the score, like x
     score_fn = score_fn_from_model(score_model, variables["params"])     # score_fn(x, t)
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+
+from diffusion import sde as sde_lib
 
 from .layers import AttnBlock as AttnBlock
 from .layers import Downsample as Downsample
@@ -23,6 +26,7 @@ from .mlp import MLP as MLP
 from .ncsnpp import NCSNpp as NCSNpp
 from .parameterization import NOISE_INPUTS as NOISE_INPUTS
 from .parameterization import PARAMETERIZATIONS as PARAMETERIZATIONS
+from .parameterization import ScoreModel as ScoreModel
 from .parameterization import make_score_model as make_score_model
 from .parameterization import score_fn_from_model as score_fn_from_model
 from .unet import UNet as UNet
@@ -50,3 +54,23 @@ def get_model(config) -> nn.Module:
     kwargs = {k: tuple(v) if isinstance(v, list) else v
               for k, v in config.model.items() if k in fields}
     return cls(**kwargs)
+
+
+def get_score_model(config) -> ScoreModel:
+    """The score model of `config`: the one place where network, SDE, parameterisation, noise
+    conditioning and network input come together (training, sampling, evaluation and the
+    score_sde converter all use it).
+
+    Reads config.model (name and network fields, parameterization, noise_input, scale_input,
+    scale_by_sigma), config.sde, config.training.continuous and config.data.centered (images in
+    [0, 1] are fed to the network as 2 x - 1, as score_sde's networks do). Computes in float32;
+    `dataclasses.replace(score_model, compute_dtype="bfloat16")` gives the mixed-precision one.
+
+        score_model = get_score_model(config)
+        s = score_model(params, x, t, y=None, train=False, rng=None)    # the score, like x
+    """
+    m = config.model
+    return make_score_model(
+        get_model(config), sde_lib.get_sde(**config.sde), m.parameterization, m.noise_input,
+        m.scale_input, scale_by_sigma=m.get("scale_by_sigma", False),
+        center_input=not config.data.centered, continuous=config.training.continuous)

@@ -17,7 +17,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 EMBEDDINGS = ("sinusoidal", "fourier")
@@ -103,27 +102,24 @@ class GaussianFourierProjection(nn.Module):
     """Random Fourier features of a scalar noise level (Tancik et al. 2020; NCSN++, Song et al.
     2021), usually applied to log sigma: [sin(2 pi t W), cos(2 pi t W)], W ~ N(0, scale^2).
 
-    W is not trained. It is a constant drawn from numpy's legacy `RandomState(seed)`, whose stream
-    numpy guarantees never to change, rather than a stop-gradient parameter as in score_sde: it
-    stays out of `params`, so weight decay, EMA and the optimizer state never touch it, and a
-    checkpoint gives the same network under any JAX version (`jax.random` streams have changed
-    between releases). XLA folds it into the compiled program.
+    W is drawn at initialisation and never trained, as in score_sde: a parameter "W" (E/2,)
+    behind a stop-gradient, so it gets zero gradients (Adam then leaves it unchanged and its EMA
+    equals it) and a score_sde checkpoint's frequencies load into it.
 
     Attributes:
       embed_dim: output size E (E/2 frequencies; zero-padded if E is odd).
       scale: standard deviation of the frequencies W (16 in NCSN++).
-      seed: seed of the frequencies.
     """
 
     embed_dim: int = 256
     scale: float = 16.0
-    seed: int = 0
 
     @nn.compact
     def __call__(self, t: Array) -> Array:
         """t (B,) -> (B, embed_dim)."""
         half = self.embed_dim // 2
-        w = self.scale * np.random.RandomState(self.seed).standard_normal(half)
+        w = self.param("W", nn.initializers.normal(self.scale), (half,), jnp.float32)
+        w = jax.lax.stop_gradient(w)
         t = jnp.asarray(t, jnp.promote_types(jnp.asarray(t).dtype, jnp.float32))
         angles = 2.0 * math.pi * t[:, None] * jnp.asarray(w, t.dtype)[None, :]
         emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
@@ -190,9 +186,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, with a residual connection (DDPM).
 
-    q, k, v and the output projection are 1x1 convolutions (Dense over channels); the output
-    projection is initialised with `init_scale` (0, the default: the block starts as the
-    identity).
+    q, k, v and the output projection are 1x1 convolutions (Dense over channels; score_sde's NIN
+    layers). q, k, v start at initialiser scale 0.1 (score_sde's NIN default) and the output
+    projection at `init_scale` (0, the default: the block starts as the identity).
     """
 
     skip_rescale: bool = False
@@ -203,7 +199,7 @@ class AttnBlock(nn.Module):
         """x (B, H, W, C) -> (B, H, W, C)."""
         b, height, width, c = x.shape
         h = group_norm(x).reshape(b, height * width, c)
-        q, k, v = (nn.Dense(c, kernel_init=default_init(), name=n)(h) for n in ("q", "k", "v"))
+        q, k, v = (nn.Dense(c, kernel_init=default_init(0.1), name=n)(h) for n in ("q", "k", "v"))
         # Logits and softmax in float32 even when the block computes in bfloat16.
         logits = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) / math.sqrt(c)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

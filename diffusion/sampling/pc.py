@@ -148,8 +148,8 @@ def langevin(key, sde, score_fn, x, t, snr):
 def ald(key, sde, score_fn, x, t, snr):
     """Annealed Langevin dynamics (Song & Ermon 2019) with step eps = 2 alpha_i (snr sigma(t))^2.
 
-    sigma(t) is the std of the perturbation kernel p_{0t} (`sde.marginal_coeffs`; for VESDE the
-    exact sqrt(sigma(t)^2 - sigma_min^2), not score_sde's sigma(t)); alpha_i as for `langevin`.
+    sigma(t) is the std of the perturbation kernel p_{0t} (`sde.marginal_coeffs`: score_sde's
+    sigma(t) for VESDE, as its ALD uses); alpha_i as for `langevin`.
     """
     score = score_fn(x, t)
     _, sigma = sde.marginal_coeffs(t)
