@@ -71,7 +71,8 @@ def bare_loop(config, steps: int, warmup: int) -> float:
     exp = train.build(config)
     mesh = train.data_mesh()
     state = train._init_state(exp, config, mesh)
-    step_fn = train.make_train_step(exp.loss_fn, exp.tx, config.model.ema_rate, mesh)
+    step_fn = train.make_train_step(exp.loss_fn, exp.tx, config.model.ema_rate, mesh,
+                                      config.model.ema_warmup)
     n_jit = config.training.n_jitted_steps
     host = datasets.batch_at(exp.dataset, "train", 0, config.training.batch_size, seed=0,
                              centered=config.data.centered)
@@ -168,7 +169,8 @@ def measure_network(config, steps: int, warmup: int, compile_only: bool) -> dict
     x_spec = jax.ShapeDtypeStruct((n_jit, batch, *exp.dataset.data_shape), np.float32,
                                   sharding=NamedSharding(mesh, P(None, train.DATA_AXIS)))
     key = jax.random.key(0)
-    step_fn = train.make_train_step(exp.loss_fn, exp.tx, config.model.ema_rate, mesh)
+    step_fn = train.make_train_step(exp.loss_fn, exp.tx, config.model.ema_rate, mesh,
+                                      config.model.ema_warmup)
     t0 = time.perf_counter()
     compiled = step_fn.lower(abstract, {"x": x_spec}, key).compile()
     compile_s = time.perf_counter() - t0

@@ -175,7 +175,7 @@ def center_crop_resize(image: np.ndarray, size: int, crop: int | None = None) ->
 # --------------------------------------------------------------------------- loading
 
 
-def get_dataset(config) -> Dataset:
+def get_dataset(config, *, shape_only: bool = False) -> Dataset:
     """The dataset named by `config.data.dataset`, checked against `config.data`.
 
     Reads data.dataset, image_size, num_channels, crop_size, data_dir, train_split and eval_split
@@ -183,8 +183,16 @@ def get_dataset(config) -> Dataset:
     stored"; crop_size 0/None crops the largest centered square before resizing.
     Raises DatasetNotFoundError (a ValueError) for an unknown or unprepared dataset and ValueError
     when image_size / num_channels disagree with the data.
+
+    shape_only: for work that needs only the shape of an example (sampling): a tfds dataset whose
+    config fixes image_size and num_channels is then not opened (it may not be prepared on this
+    machine); its splits are empty and it has 8-bit levels. Embedded datasets load as usual.
     """
     data = config.data
+    if (shape_only and data.dataset != "digits" and data.dataset not in TOY_DATASETS
+            and data.get("image_size") and data.get("num_channels")):
+        shape = (data.image_size, data.image_size, data.num_channels)
+        return Dataset(data.dataset, (), (), data_shape=shape, is_image=True, num_levels=256)
     return load_dataset(data.dataset, image_size=data.get("image_size"),
                         num_channels=data.get("num_channels"), crop_size=data.get("crop_size"),
                         data_dir=data.get("data_dir"),
@@ -423,7 +431,12 @@ def batch_indices(n: int, split: str, step: int, batch_size: int, *, seed: int,
     if n <= 0:
         raise ValueError(f"The {split} split is empty.")
     _check_batch_args(step, batch_size, seed, process_index, process_count)
-    positions = _positions(step, batch_size, process_index, process_count)
+    return _stream_indices(n, split, _positions(step, batch_size, process_index, process_count),
+                           seed)
+
+
+def _stream_indices(n: int, split: str, positions: np.ndarray, seed: int) -> np.ndarray:
+    """Example indices at stream `positions`: permutation_e[p mod n] of epoch e = p // n."""
     epochs, offsets = np.divmod(positions, n)
     indices = np.empty_like(positions)
     for epoch in np.unique(epochs):
@@ -492,14 +505,32 @@ def batch_at(dataset: Dataset, split: str, step: int, batch_size: int, *, seed: 
     Returns:
       {"x": float32 (batch_size // process_count, *data_shape), "label": int32 (same,)}.
     """
+    _check_batch_args(step, batch_size, seed, process_index, process_count)
+    return examples_at(dataset, split, _positions(step, batch_size, process_index, process_count),
+                       seed=seed, centered=centered,
+                       uniform_dequantization=uniform_dequantization,
+                       random_flip=random_flip and train)
+
+
+def examples_at(dataset: Dataset, split: str, positions: np.ndarray, *, seed: int,
+                centered: bool = True, uniform_dequantization: bool = False,
+                random_flip: bool = False) -> dict[str, np.ndarray]:
+    """The examples at `positions` (b,) of the split's endless stream (see `batch_indices`).
+
+    Position p is example permutation_e[p mod n] of epoch e = p // n, with its own flip coin and
+    dequantization noise (seeded by p), so the same example at two positions gets two noises.
+    Returns {"x": float32 (b, *data_shape) in data space, "label": int32 (b,)}; the options are
+    `batch_at`'s (images only).
+    """
     source = dataset.split(split)
-    indices = batch_indices(len(source), split, step, batch_size, seed=seed,
-                            process_index=process_index, process_count=process_count)
-    x, label = _gather(source, indices)
+    positions = np.asarray(positions, np.int64)
+    n = len(source)
+    if n <= 0:
+        raise ValueError(f"The {split} split is empty.")
+    x, label = _gather(source, _stream_indices(n, split, positions, seed))
     if dataset.is_image:
-        positions = _positions(step, batch_size, process_index, process_count)
         x = _to_unit_interval(x, dataset.num_levels, positions, seed, split,
-                              uniform_dequantization, random_flip and train)
+                              uniform_dequantization, random_flip)
         x = data_scaler(centered)(x)
     return {"x": np.asarray(x, np.float32), "label": np.asarray(label, np.int32)}
 

@@ -77,19 +77,22 @@ def create_train_state(key: jax.Array, net, tx: optax.GradientTransformation,
 # --------------------------------------------------------------------------- the train step
 
 
-def ema_decay(ema_rate: float, num_updates: jax.Array) -> jax.Array:
-    """EMA decay after `num_updates` updates: min(ema_rate, (1 + n) / (10 + n)).
+def ema_decay(ema_rate: float, num_updates: jax.Array, warmup: bool = False) -> jax.Array:
+    """EMA decay after `num_updates` updates: ema_rate (score_sde), or with `warmup`
+    min(ema_rate, (1 + n) / (10 + n)).
 
-    The warm-up (as in tf.train.ExponentialMovingAverage) keeps the initial weights from dominating
-    short runs: with a constant 0.999, 37% of the EMA is still the initialisation after 1,000
-    steps. For n >> 1 / (1 - ema_rate) the decay is ema_rate, as in score_sde.
+    The warm-up (as in tf.train.ExponentialMovingAverage; our option, off in the paper configs)
+    keeps the initial weights from dominating short runs: with a constant 0.999, 37% of the EMA
+    is still the initialisation after 1,000 steps. For n >> 1 / (1 - ema_rate) both are ema_rate.
     """
+    if not warmup:
+        return jnp.asarray(ema_rate, jnp.float32)
     n = num_updates.astype(jnp.float32)
     return jnp.minimum(ema_rate, (1.0 + n) / (10.0 + n))
 
 
 def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, ema_rate: float,
-                     axis_name: str = DATA_AXIS) -> Callable:
+                     axis_name: str = DATA_AXIS, ema_warmup: bool = False) -> Callable:
     """The train step one device runs: `(state, batch, key) -> (state, metrics)`.
 
     batch: {"x": (n_jitted_steps, b, ...), ...}, this device's b examples of each of
@@ -113,7 +116,7 @@ def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, e
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            decay = ema_decay(ema_rate, state.step + 1)
+            decay = ema_decay(ema_rate, state.step + 1, ema_warmup)
             ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                                       state.ema_params, params)
             new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
@@ -133,13 +136,13 @@ def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, e
 
 
 def make_train_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, ema_rate: float,
-                    mesh: Mesh) -> Callable:
+                    mesh: Mesh, ema_warmup: bool = False) -> Callable:
     """The device step mapped over `mesh` with `jax.shard_map` and jitted, donating the state.
 
     `(state, batch, key) -> (state, metrics)`: state replicated, batch arrays
     (n_jitted_steps, global_batch, ...) sharded over the mesh's data axis on dimension 1.
     """
-    device_step = make_device_step(loss_fn, tx, ema_rate, DATA_AXIS)
+    device_step = make_device_step(loss_fn, tx, ema_rate, DATA_AXIS, ema_warmup)
     # check_vma=False gives pmap's semantics, which the device step is written for: the gradient
     # of the replicated params is this device's, and `lax.pmean` averages it. (With the default
     # check_vma=True, differentiating w.r.t. a replicated input already psums the cotangent, and
@@ -178,26 +181,26 @@ class Experiment:
     compiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
-def build(config: ml_collections.ConfigDict) -> Experiment:
-    """Builds SDE, network, score model, loss, optimizer and dataset from `config`."""
+def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False) -> Experiment:
+    """Builds SDE, network, score model, loss, optimizer and dataset from `config`.
+
+    shape_only_data: sampling needs only the data's shape, so a tfds dataset is not opened
+    (`datasets.get_dataset(..., shape_only=True)`).
+    """
     _check_config(config)
-    sde = sde_lib.get_sde(**config.sde)
-    net = models.get_model(config)
-    make_score_model = functools.partial(
-        parameterization.make_score_model, net, sde,
-        parameterization=config.model.parameterization, noise_input=config.model.noise_input,
-        scale_input=config.model.scale_input)
-    # Mixed precision is for training: sampling and likelihoods use the float32 network.
-    score_model = make_score_model()
+    score_model = models.get_score_model(config)
+    sde = score_model.sde
     t = config.training
+    # Mixed precision is for training: sampling and likelihoods use the float32 network.
     loss_fn = losses.get_loss_fn(
-        sde, make_score_model(compute_dtype=t.compute_dtype), continuous=t.continuous,
-        reduce_mean=t.reduce_mean, likelihood_weighting=t.likelihood_weighting, eps=t.eps)
+        sde, dataclasses.replace(score_model, compute_dtype=t.compute_dtype),
+        continuous=t.continuous, reduce_mean=t.reduce_mean,
+        likelihood_weighting=t.likelihood_weighting, eps=t.eps)
     o = config.optim
     tx = create_optimizer(o.lr, o.warmup, o.grad_clip, o.beta1, o.beta2, o.eps, o.weight_decay)
-    dataset = datasets.get_dataset(config)
+    dataset = datasets.get_dataset(config, shape_only=shape_only_data)
     conditional = config.model.get("num_classes") is not None
-    return Experiment(sde, net, score_model, loss_fn, tx, dataset, conditional)
+    return Experiment(sde, score_model.net, score_model, loss_fn, tx, dataset, conditional)
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
@@ -452,12 +455,16 @@ def make_log_likelihood(exp: Experiment, eval_config, mesh: Mesh) -> Callable:
 
 
 def eval_likelihood(exp: Experiment, config, params, mesh: Mesh) -> dict:
-    """Log-likelihood of `eval.bpd_num_batches` eval batches under the probability-flow ODE.
+    """Log-likelihood of eval data under the probability-flow ODE.
 
-    Images are uniformly dequantized ((level + u) / L, then scaled like the training data) and
+    The protocol is score_sde's (run_lib.evaluate): `eval.bpd_num_repeats` passes over the eval
+    split (5 over the whole test set in the paper configs), each example uniformly dequantized
+    with fresh noise in every pass ((level + u) / L, then scaled like the training data). Pass p
+    reads the first m examples of the split's epoch-p permutation, m = the whole split when
+    `eval.bpd_num_batches` is 0, else that many batches of `eval.batch_size`. Images are
     reported in bits/dim of the L-level data (offset log2(L / data range): 7 for 8-bit data in
-    [-1, 1]); points in nats per example (`nll`). Also reports the standard error over examples
-    and the solver's NFE (largest over batches and devices).
+    [-1, 1], 8 for [0, 1]); points in nats per example (`nll`). Also reports the standard error
+    over examples and the solver's NFE (largest over batches and devices).
     """
     if exp.conditional:
         return {}   # the likelihood of a class-conditional model needs a label marginal
@@ -469,20 +476,25 @@ def eval_likelihood(exp: Experiment, config, params, mesh: Mesh) -> dict:
     if cache_key not in exp.compiled:
         exp.compiled[cache_key] = make_log_likelihood(exp, e, mesh)
     log_likelihood_fn = exp.compiled[cache_key]
-    bs = e.batch_size
-    num_batches = min(e.bpd_num_batches, max(1, len(exp.dataset.eval) // bs))
-    print(f"likelihood of {num_batches * bs} eval examples through the probability-flow ODE "
-          f"({e.bpd_divergence} divergence, rtol {e.likelihood_rtol}); set "
-          f"eval.enable_bpd=False to skip", flush=True)
+    bs, n = e.batch_size, len(exp.dataset.eval)
+    per_pass = n if e.bpd_num_batches <= 0 else min(n, e.bpd_num_batches * bs)
+    positions = np.concatenate([p * n + np.arange(per_pass) for p in range(e.bpd_num_repeats)])
+    print(f"likelihood of {per_pass} eval examples x {e.bpd_num_repeats} dequantizations through "
+          f"the probability-flow ODE ({e.bpd_divergence} divergence, rtol {e.likelihood_rtol}); "
+          f"set eval.enable_bpd=False to skip", flush=True)
     key = _base_key(config.seed, "likelihood")
     sharding = NamedSharding(mesh, P(DATA_AXIS))
     logps, nfe = [], 0
-    for i in range(num_batches):
-        x = datasets.batch_at(exp.dataset, "eval", i, bs, seed=config.seed, train=False,
-                              centered=config.data.centered, uniform_dequantization=True)["x"]
+    batches = [positions[i:i + bs] for i in range(0, len(positions), bs)]
+    for i, batch_positions in enumerate(_progress(iter(batches), len(positions), bs,
+                                                  "likelihood examples")):
+        # The last batch is padded to the compiled size by repeating its first example.
+        padded = np.pad(batch_positions, (0, bs - len(batch_positions)), mode="edge")
+        x = datasets.examples_at(exp.dataset, "eval", padded, seed=config.seed,
+                                 centered=config.data.centered, uniform_dequantization=True)["x"]
         logp, batch_nfe = log_likelihood_fn(params, jax.random.fold_in(key, i),
                                             jax.device_put(x, sharding))
-        logps.append(np.asarray(jax.device_get(logp)))
+        logps.append(np.asarray(jax.device_get(logp))[:len(batch_positions)])
         nfe = max(nfe, int(np.max(batch_nfe)))
     logp = np.concatenate(logps).astype(np.float64)
     if not np.all(np.isfinite(logp)):
@@ -635,7 +647,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     and `nfe`) and `step_<N>.png` next to it (an image grid, or a scatter plot for 2-D data).
     Existing files are replaced only once the new samples are complete. Returns the .npz path.
     """
-    exp = build(config)
+    exp = build(config, shape_only_data=True)
     mesh = data_mesh()
     manager = checkpointing.make_manager(workdir, read_only=True)
     state = checkpointing.restore(manager, _abstract_state(exp, config, mesh))
@@ -746,7 +758,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         return state
 
     n_jit = t.n_jitted_steps
-    train_step = make_train_step(exp.loss_fn, exp.tx, config.model.ema_rate, mesh)
+    train_step = make_train_step(exp.loss_fn, exp.tx, config.model.ema_rate, mesh,
+                                 config.model.ema_warmup)
     train_key = _base_key(config.seed, "train")
     data_kwargs = dict(seed=config.seed, process_index=jax.process_index(),
                        process_count=jax.process_count(), train=True,

@@ -1,8 +1,9 @@
 """Shared defaults of every experiment (score_sde's names and values); not an experiment itself.
 
 Experiments import `get_default_config()` and override only what differs. Keys:
-  seed; sde.{name, beta_min, beta_max, sigma_min, sigma_max, N, s}; model.{name, ema_rate,
-  parameterization, noise_input, scale_input, remat, <network fields>}; data.{dataset,
+  seed; sde.{name, beta_min, beta_max, sigma_min, sigma_max, N, s, exact_std};
+  model.{name, ema_rate, ema_warmup, parameterization, noise_input, scale_input, scale_by_sigma,
+  num_classes, remat, <network fields>}; data.{dataset,
   image_size, num_channels, crop_size, num_workers, centered, uniform_dequantization,
   random_flip, data_dir, train_split, eval_split};
   training.{batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps,
@@ -11,10 +12,10 @@ Experiments import `get_default_config()` and override only what differs. Keys:
   optim.{lr, warmup, grad_clip, beta1, beta2, eps, weight_decay};
   sampling.{method, steps, predictor, corrector, snr, n_steps_each, noise_removal, eps,
   order, eta, rho, s_churn, rtol, atol, ode_solver, batch_size, num_samples};
-  eval.{batch_size, num_batches, enable_bpd, bpd_num_batches, bpd_divergence, likelihood_eps,
-  likelihood_rtol, likelihood_atol, enable_fid, fid_num_samples, fid_batch_size, fid_ref_split,
-  fid_ref_max_examples, fid_stats_dir, inception_weights, kid_subsets, kid_subset_size,
-  is_splits}.
+  eval.{batch_size, num_batches, enable_bpd, bpd_num_batches, bpd_num_repeats, bpd_divergence,
+  likelihood_eps, likelihood_rtol, likelihood_atol, enable_fid, fid_num_samples, fid_batch_size,
+  fid_ref_split, fid_ref_max_examples, fid_stats_dir, inception_weights, kid_subsets,
+  kid_subset_size, is_splits}.
 """
 
 import ml_collections
@@ -32,13 +33,20 @@ def get_default_config() -> ml_collections.ConfigDict:
     sde.sigma_max = 50.0
     sde.s = 0.008               # cosine schedule offset (Nichol & Dhariwal 2021)
     sde.N = 1000                # levels of the discrete chain (DDPM / SMLD); default sampler steps
+    sde.exact_std = False       # VE only: std sqrt(sigma(t)^2 - sigma_min^2) of the SDE started at
+                                # the clean data, instead of score_sde's sigma(t) (our option)
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "unet"
     model.ema_rate = 0.9999
+    model.ema_warmup = False            # decay min(ema_rate, (1+n)/(10+n)) (our option; score_sde:
+                                        # the constant ema_rate from step 0)
     model.parameterization = "epsilon"  # "epsilon" | "score" | "x0"
-    model.noise_input = "time"          # network conditioned on 999 t ("time") or log sigma(t)
-    model.scale_input = True            # feed x / sqrt(alpha^2 + sigma^2) to the network
+    model.scale_by_sigma = False        # "score" output divided by sigma (score_sde's VE models)
+    model.noise_input = "time"          # continuous models conditioned on 999 t ("time") or
+                                        # log sigma(t); discrete ones on the level (score_sde)
+    model.scale_input = False           # feed x / sqrt(alpha^2 + sigma^2) to the network (EDM's
+                                        # c_in; our option, not score_sde's)
     model.num_classes = None            # set to an int for a class-conditional model
     model.remat = False                 # recompute block activations in the backward pass
                                         # (less memory, ~1 more forward; unet/ncsnpp/ddpmpp)
@@ -47,7 +55,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     data.dataset = "cifar10"
     data.image_size = 32
     data.num_channels = 3
-    data.centered = True               # data in [-1, 1] (else [0, 1])
+    data.centered = True               # images in [-1, 1]; else [0, 1], and the network sees
+                                       # 2 x - 1 (as score_sde's networks)
     data.uniform_dequantization = False
     data.random_flip = True
     data.num_workers = 4               # tfds data: processes preparing batches (0: a thread)
@@ -105,7 +114,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     evaluation.batch_size = 256
     evaluation.num_batches = 20
     evaluation.enable_bpd = True        # likelihood through the probability-flow ODE
-    evaluation.bpd_num_batches = 1      # batches of eval.batch_size from the eval split
+    evaluation.bpd_num_batches = 1      # batches of eval.batch_size per pass (0: the whole split)
+    evaluation.bpd_num_repeats = 1      # passes, each with fresh dequantization noise (score_sde:
+                                        # 5 over the whole test set)
     evaluation.bpd_divergence = "hutchinson_rademacher"  # | "hutchinson_gaussian" | "exact"
     evaluation.likelihood_eps = 1e-5
     evaluation.likelihood_rtol = 1e-5

@@ -41,6 +41,7 @@ def get_config(arg: str | None = None):
     config.model.attn_resolutions = (4,)
     config.model.dropout = 0.1
     config.model.ema_rate = 0.999
+    config.model.ema_warmup = True        # our option: short run, keep the EMA off the init
 
     config.training.batch_size = 128
     config.training.n_iters = 1200

@@ -1,7 +1,7 @@
 """CIFAR-10 with the sub-VP SDE, score_sde's `subvp/cifar10_ddpmpp_continuous`.
 
 Everything but the SDE is as in experiments/vp_cifar.py (DDPM++ cont., 61.8M parameters;
-`:deep`, 106.6M). Expected (Song et al. 2021, Tables 2 and 3, as recalled; see vp_cifar.py):
+`:deep`, 106.6M). Expected (Song et al. 2021, Tables 3 and 2; see vp_cifar.py):
 
     model                          FID (PC / EM)  IS     NLL (bits/dim)  FID (ODE)
     DDPM++ cont. (sub-VP)          2.61           9.56   3.02            3.16

@@ -19,13 +19,13 @@ def get_config(arg: str | None = None):
     config.data.dataset = "gmm"
     config.data.image_size = 0
     config.data.num_channels = 0
-    config.data.centered = False
     config.data.random_flip = False
 
     config.model.name = "mlp"
     config.model.hidden = 256
     config.model.n_layers = 3
     config.model.ema_rate = 0.999
+    config.model.ema_warmup = True        # our option: short run, keep the EMA off the init
 
     config.training.batch_size = 512
     config.training.n_iters = 20_000

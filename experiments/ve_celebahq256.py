@@ -6,8 +6,10 @@ levels, 256 down to 4 pixels), 2 BigGAN residual blocks per level, attention at 
 resampling, the output_skip output pyramid and the input_skip input pyramid (combined by sum),
 Gaussian Fourier embedding of log sigma, no dropout. VE SDE with sigma_min 0.01 and sigma_max 348
 (church: 380; Song & Ermon 2020's rule, sigma_max = the largest distance between training
-images), EMA 0.999, batch 64 (the paper's batch for 256x256), Adam 2e-4, 1/2-sum loss, data in
-[0, 1]. Sampling: PC with reverse diffusion + Langevin at snr 0.075 over N = 2,000 steps.
+images), EMA 0.999, batch 64 (the paper's batch for 256x256), Adam 2e-4, 1/2-sum loss, 2.4M
+steps, data in [0, 1] (the network sees 2 x - 1), score_sde's VE conventions as in ve_cifar.py.
+Sampling: PC with reverse diffusion + Langevin at snr 0.075 over N = 2,000 steps down to 1e-5.
+No bits/dim (score_sde's LSUN / CelebA-HQ configs have eval.enable_bpd False).
 
 Expected: Song et al. 2021 show 256x256 CelebA-HQ and LSUN samples (their Figure 12 and appendix)
 but report no FID for them, so there is no paper number to match; nothing has been measured with
@@ -42,7 +44,9 @@ def get_config(arg: str | None = None):
                         progressive="output_skip", progressive_input="input_skip",
                         progressive_combine="sum")
     config.training.batch_size = 64
+    config.training.n_iters = 2_400_001       # configs/default_lsun_configs.py
     config.sampling.snr = 0.075
+    config.eval.enable_bpd = False
     if arg == "church":
         config.data.dataset = "lsun/church_outdoor"
         config.data.eval_split = "validation"

@@ -4,7 +4,7 @@ Identical to experiments/vp_cifar.py (DDPM++ cont., 61.8M parameters: the parame
 depend on the resolution; batch 128, Adam 2e-4, EMA 0.9999, 1.3M steps, Euler-Maruyama sampling)
 except for the data: tfds `celeb_a` (162,770 train / 19,867 validation images of 218x178), center
 cropped to 140x140 and resized to 64x64 (score_sde's and DDIM's CelebA preprocessing), random
-flips, data in [0, 1]. The U-Net's four levels then run at 64, 32, 16 and 8 pixels with attention
+flips, data in [-1, 1]. The U-Net's four levels then run at 64, 32, 16 and 8 pixels with attention
 at 16x16, so a step costs about 4x a CIFAR-10 step. `:deep` uses DDPM++ cont. (deep).
 
 Expected: Song et al. 2021 report no CelebA 64x64 result for this model, so there is no paper

@@ -1,15 +1,18 @@
 """CIFAR-10 with the VP SDE and continuous training, score_sde's `vp/cifar10_ddpmpp_continuous`.
 
-Hyperparameters are the paper's: batch 128, Adam lr 2e-4 with 5,000 warmup steps, gradient
-clipping at 1, EMA 0.9999, 1.3M steps, data in [0, 1] with random flips, reduce_mean,
-Euler-Maruyama sampling with 1,000 steps. The network is DDPM++ cont.
+Every setting is score_sde's (`configs/default_cifar10_configs.py`,
+`vp/cifar10_ddpmpp_continuous.py` and run_lib; `tests/test_paper_configs.py` checks each against
+those files): batch 128, Adam lr 2e-4 with 5,000 warmup steps, gradient clipping at 1, EMA 0.9999
+(constant from step 0), 1.3M steps (950k for `:deep`), data in [-1, 1] with random flips,
+reduce_mean, training times t ~ U(1e-5, 1), Euler-Maruyama sampling with 1,000 steps down to eps =
+1e-3, bits/dim over 5 dequantized passes of the whole test set. The network is DDPM++ cont.
 (`diffusion/models/ncsnpp.py`, preset `ddpmpp_cont`: nf 128, ch_mult (1, 2, 2, 2), 4 BigGAN res
 blocks per resolution, attention at 16x16, positional embedding of 999 t, dropout 0.1, 61.8M
 parameters); `:deep` gives DDPM++ cont. (deep), 8 blocks per resolution, 106.6M.
 
-Expected (Song et al. 2021; FID on 50k samples, NLL in bits/dim on the test set through the
-probability-flow ODE; quoted from the paper's Tables 2 and 3 as recalled here, where only the
-best numbers, FID 2.20 / IS 9.89 and 2.99 bits/dim, could be checked against its abstract):
+Expected (Song et al. 2021, Tables 3 and 2: FID / IS of 50k PC samples of the checkpoint with
+the best FID; NLL in bits/dim on the dequantized test set and FID of the probability-flow ODE
+sampler, both of the last checkpoint):
 
     model                          FID (PC / EM)  IS     NLL (bits/dim)  FID (ODE)
     DDPM++ cont. (VP)              2.55           9.58   3.16            3.93
@@ -36,16 +39,29 @@ def get_config(arg: str | None = None):
     config.data.dataset = "cifar10"
     config.data.image_size = 32
     config.data.num_channels = 3
-    config.data.centered = False          # score_sde trains CIFAR-10 on [0, 1]
+    config.data.centered = True           # [-1, 1], score_sde's data.centered for VP / sub-VP
     config.data.random_flip = True
 
     config.model.name = "ddpmpp"
     config.model.update(ncsnpp.PRESETS["ddpmpp_deep_cont" if arg == "deep" else "ddpmpp_cont"])
     config.model.ema_rate = 0.9999
+    config.model.parameterization = "epsilon"   # score = -output / std (get_score_fn, VP)
+    config.model.noise_input = "time"           # positional embedding of 999 t
 
+    config.training.n_iters = 950_001 if arg == "deep" else 1_300_001
+    config.training.continuous = True
     config.training.reduce_mean = True
+    config.training.likelihood_weighting = False
+    config.training.eps = 1e-5
+    config.sampling.method = "pc"
     config.sampling.predictor = "euler_maruyama"
     config.sampling.corrector = "none"
+    config.sampling.snr = 0.16
+    config.sampling.n_steps_each = 1
+    config.sampling.noise_removal = True
+    config.sampling.eps = 1e-3                  # run_lib's sampling_eps for VP / sub-VP
+    config.eval.bpd_num_batches = 0             # bits/dim: the whole test set,
+    config.eval.bpd_num_repeats = 5             # 5 passes of fresh dequantization (run_lib)
     return smoke(config) if arg == "smoke" else _no_variant(config, arg)
 
 
@@ -61,6 +77,8 @@ def smoke(config):
     config.training.eval_freq = 2
     config.optim.warmup = 0
     config.sde.N = 10
+    config.eval.bpd_num_batches = 1
+    config.eval.bpd_num_repeats = 1
     config.sampling.batch_size = 4
     config.sampling.num_samples = 4
     config.eval.batch_size = 4

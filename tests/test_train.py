@@ -202,16 +202,52 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_ema_uses_the_warmed_up_decay():
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_decay_constant_or_warmed_up(warmup):
+    """score_sde's EMA: the constant ema_rate from the first update; `model.ema_warmup` (ours):
+    min(ema_rate, (1 + n) / (10 + n))."""
     loss_fn, tx, state, batch = _tiny_setup(n_jit=1)
     mesh = train.data_mesh()
-    step = train.make_train_step(loss_fn, tx, 0.999, mesh)
+    step = train.make_train_step(loss_fn, tx, 0.999, mesh, ema_warmup=warmup)
     old = jax.tree.map(np.asarray, state.ema_params)
     new, _ = step(jax.tree.map(jnp.array, state), train.put_batch(
         {"x": np.asarray(batch["x"])}, mesh), jax.random.key(3))
-    decay = 2.0 / 11.0  # min(0.999, (1 + n) / (10 + n)) after n = 1 update
+    decay = 2.0 / 11.0 if warmup else 0.999   # after n = 1 update
     for e, e0, p in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(old),
                         jax.tree.leaves(new.params), strict=True):
         np.testing.assert_allclose(e, decay * e0 + (1 - decay) * np.asarray(p), rtol=1e-5,
                                    atol=1e-7)
-    assert float(train.ema_decay(0.999, jnp.asarray(10**6))) == np.float32(0.999)
+    assert float(train.ema_decay(0.999, jnp.asarray(10**6), warmup)) == np.float32(0.999)
+
+
+def test_bits_per_dim_protocol_passes_over_the_whole_split(monkeypatch):
+    """eval.bpd_num_batches=0, bpd_num_repeats=2: every eval example twice, with two different
+    dequantization noises, in batches padded to the compiled size (score_sde's 5 passes over the
+    test set). The ODE solve is replaced by a stand-in that records what it is given."""
+    from experiments import digits
+
+    config = digits.get_config("smoke")
+    config.eval.bpd_num_batches, config.eval.bpd_num_repeats = 0, 2
+    exp = train.build(config)
+    seen = []
+
+    def fake_log_likelihood(params, key, x):
+        x = np.asarray(x)
+        seen.append(x)
+        return jnp.asarray(-np.sum(x**2, axis=(1, 2, 3))), jnp.ones((4,), jnp.int32)
+
+    monkeypatch.setattr(train, "make_log_likelihood", lambda *args: fake_log_likelihood)
+    record = train.eval_likelihood(exp, config, {}, train.data_mesh())
+    n = len(exp.dataset.eval)
+    assert record["likelihood_examples"] == 2 * n
+    assert all(len(x) == config.eval.batch_size for x in seen)        # padded batches
+    x = np.concatenate(seen)[:2 * n]      # the last batch's padding comes after the 2n examples
+    levels = np.floor((x + 1) / 2 * exp.dataset.num_levels)           # undo dequantization
+    first, second = levels[:n].reshape(n, -1), levels[n:].reshape(n, -1)
+    stored = np.stack([np.asarray(exp.dataset.eval[i]["x"]) for i in range(n)]).reshape(n, -1)
+    for one_pass in (first, second):   # each pass holds every stored example once
+        assert sorted(map(bytes, one_pass.astype(np.uint8))) == sorted(map(bytes, stored))
+    assert not np.allclose(np.sort(x[:n].ravel()), np.sort(x[n:].ravel()))   # fresh noise
+    bits = -np.sum(x**2, axis=(1, 2, 3)) / np.prod(exp.dataset.data_shape)
+    expected = -bits / np.log(2) + np.log2(exp.dataset.num_levels / 2.0)
+    assert record["bpd"] == pytest.approx(float(np.mean(expected)), rel=1e-5)
