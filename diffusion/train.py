@@ -488,7 +488,7 @@ def eval_likelihood(exp: Experiment, config, params, mesh: Mesh) -> dict:
     batches = [positions[i:i + bs] for i in range(0, len(positions), bs)]
     for i, batch_positions in enumerate(_progress(iter(batches), len(positions), bs,
                                                   "likelihood examples")):
-        # The last batch is padded to the compiled size by repeating its first example.
+        # The last batch is padded to the compiled size by repeating its last example.
         padded = np.pad(batch_positions, (0, bs - len(batch_positions)), mode="edge")
         x = datasets.examples_at(exp.dataset, "eval", padded, seed=config.seed,
                                  centered=config.data.centered, uniform_dequantization=True)["x"]
