@@ -116,12 +116,13 @@ def convert(state_dict: dict, config, which: str = "ema") -> dict:
     Returns the parameter tree (nested dicts of float32 jax arrays). Raises ConversionError naming
     the first parameter whose name or shape differs from what the config's network expects.
     """
-    if config.model.name not in SUPPORTED_MODELS:
-        raise ConversionError(f"Converting score_sde checkpoints is supported for the NCSN++ / "
-                              f"DDPM++ networks (config.model.name in {list(SUPPORTED_MODELS)}); "
-                              f"got {config.model.name!r}.")
-    got = rename(score_sde_params(state_dict, which))
-    want = {path: leaf.shape for path, leaf in _flatten(_expected_shapes(config)).items()}
+    return _convert_params(score_sde_params(state_dict, which), _expected_shapes(config))
+
+
+def _convert_params(params: dict, expected) -> dict:
+    """Renames score_sde `params` and checks them against the `expected` shape tree."""
+    got = rename(params)
+    want = {path: leaf.shape for path, leaf in _flatten(expected).items()}
     for path in sorted(set(want) | set(got)):
         name = "/".join(path)
         if path not in got:
@@ -156,9 +157,10 @@ def write_checkpoint(state_dict: dict, config, workdir: str) -> int:
     if os.path.isdir(directory) and os.listdir(directory):
         raise FileExistsError(f"{directory} already holds checkpoints; nothing was written. Use "
                               f"a fresh --workdir.")
-    ema = convert(state_dict, config, "ema")
-    raw = (convert(state_dict, config, "raw")
-           if (state_dict.get("optimizer") or {}).get("target") else ema)
+    expected = _expected_shapes(config)
+    ema = _convert_params(score_sde_params(state_dict, "ema"), expected)
+    has_raw = bool((state_dict.get("optimizer") or {}).get("target"))
+    raw = _convert_params(score_sde_params(state_dict, "raw"), expected) if has_raw else ema
     o = config.optim
     tx = train.create_optimizer(o.lr, o.warmup, o.grad_clip, o.beta1, o.beta2, o.eps,
                                 o.weight_decay)
@@ -175,7 +177,11 @@ def write_checkpoint(state_dict: dict, config, workdir: str) -> int:
 
 
 def _expected_shapes(config) -> dict:
-    """The parameter shapes of the config's network (no computation)."""
+    """The parameter shapes of the config's network (no computation); refuses other networks."""
+    if config.model.name not in SUPPORTED_MODELS:
+        raise ConversionError(f"Converting score_sde checkpoints is supported for the NCSN++ / "
+                              f"DDPM++ networks (config.model.name in {list(SUPPORTED_MODELS)}); "
+                              f"got {config.model.name!r}.")
     net = models.get_model(config)
     size, channels = config.data.image_size, config.data.num_channels
     x = jnp.zeros((1, size, size, channels), jnp.float32)
