@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from diffusion import checkpointing, datasets, likelihood, losses, metrics, models, plotting
 from diffusion import sampling as sampling_lib
 from diffusion import sde as sde_lib
-from diffusion.models import parameterization
+from diffusion.models import layers, parameterization
 
 DATA_AXIS = "data"
 
@@ -50,8 +50,11 @@ def create_optimizer(lr: float, warmup: int = 0, grad_clip: float = -1.0, beta1:
     score_sde's defaults: lr 2e-4, warmup 5000 steps, clip 1.0. grad_clip <= 0 disables clipping.
     """
     schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else lr
-    adam = (optax.adamw(schedule, beta1, beta2, eps, weight_decay=weight_decay) if weight_decay > 0
-            else optax.adam(schedule, beta1, beta2, eps))
+    # Weight decay skips the untrained constants (the Fourier frequencies).
+    decayed = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: not layers.is_untrained(path), params)
+    adam = (optax.adamw(schedule, beta1, beta2, eps, weight_decay=weight_decay, mask=decayed)
+            if weight_decay > 0 else optax.adam(schedule, beta1, beta2, eps))
     return optax.chain(optax.clip_by_global_norm(grad_clip), adam) if grad_clip > 0 else adam
 
 

@@ -11,9 +11,10 @@ import collections
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from diffusion import losses, train
+from diffusion import losses, models, train
 from diffusion import sde as sde_lib
 from diffusion.models import NCSNpp, UNet, ncsnpp, parameterization
 from tests.helpers import random_params
@@ -139,3 +140,26 @@ def test_mixed_precision_training_from_the_config(tmp_path):
     config.training.compute_dtype = "float16"
     with pytest.raises(ValueError, match="training.compute_dtype must be one of"):
         train.build(config)
+
+
+def test_untrained_fourier_frequencies_stay_float32_and_skip_weight_decay():
+    """The Fourier frequencies W (x 2 pi log sigma, |W| ~ 16) would lose the phase in bfloat16,
+    and AdamW would shrink them although they are never trained."""
+    net = models.MLP(hidden=8, n_layers=1, embedding="fourier", embed_dim=8)
+    x, t = jnp.ones((4, 2)), jnp.linspace(-2.0, 3.0, 4)
+    params = net.init(jax.random.key(0), x, t)["params"]
+    cast = parameterization.cast_floating(params, jnp.bfloat16)
+    assert cast["GaussianFourierProjection_0"]["W"].dtype == jnp.float32
+    assert {leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(cast)
+            if "GaussianFourierProjection" not in jax.tree_util.keystr(path)} == {
+        jnp.dtype(jnp.bfloat16)}
+
+    # W's real gradient is zero (stop-gradient), so only weight decay could move it.
+    grads = jax.grad(lambda p: jnp.sum(net.apply({"params": p}, x, t) ** 2))(params)
+    np.testing.assert_array_equal(grads["GaussianFourierProjection_0"]["W"], 0.0)
+    tx = train.create_optimizer(1e-2, weight_decay=0.1)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["GaussianFourierProjection_0"]["W"], 0.0)
+    unmasked = optax.adamw(1e-2, weight_decay=0.1)
+    updates, _ = unmasked.update(grads, unmasked.init(params), params)
+    assert np.all(np.asarray(updates["GaussianFourierProjection_0"]["W"]) != 0.0)

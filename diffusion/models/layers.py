@@ -22,6 +22,16 @@ Array = jax.Array
 EMBEDDINGS = ("sinusoidal", "fourier")
 
 
+# Modules whose parameters are constants drawn at initialisation and never trained (they get
+# zero gradients): weight decay skips them and mixed precision keeps them float32.
+UNTRAINED_MODULES = ("GaussianFourierProjection",)
+
+
+def is_untrained(path) -> bool:
+    """Whether the parameter at `path` (a jax tree path) belongs to an UNTRAINED_MODULES module."""
+    return any(str(getattr(k, "key", "")).startswith(UNTRAINED_MODULES) for k in path)
+
+
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
     """DDPM's initialiser: variance_scaling(scale, "fan_avg", "uniform"); scale 0 gives zeros."""
     if scale == 0.0:
@@ -103,8 +113,9 @@ class GaussianFourierProjection(nn.Module):
     2021), usually applied to log sigma: [sin(2 pi t W), cos(2 pi t W)], W ~ N(0, scale^2).
 
     W is drawn at initialisation and never trained, as in score_sde: a parameter "W" (E/2,)
-    behind a stop-gradient, so it gets zero gradients (Adam then leaves it unchanged and its EMA
-    equals it) and a score_sde checkpoint's frequencies load into it.
+    behind a stop-gradient, so it gets zero gradients (Adam then leaves it unchanged, its EMA
+    equals it, and weight decay skips it: `UNTRAINED_MODULES`) and a score_sde checkpoint's
+    frequencies load into it.
 
     Attributes:
       embed_dim: output size E (E/2 frequencies; zero-padded if E is odd).

@@ -30,11 +30,11 @@ Network input:
                 off in the paper configs. It assumes data centred at 0, so it cannot be combined
                 with center_input.
 
-Mixed precision (`compute_dtype="bfloat16"`): the float32 parameters and the network input are
-cast to bfloat16 for the network's forward pass, whose output is cast back to float32 before it
-becomes a score; the noise conditioning c_noise stays float32 (999 t in bfloat16 would be rounded
-to multiples of 4), and so do the random Fourier frequencies (`FLOAT32_PARAMS`), from which the
-networks form their noise embedding in float32. Gradients flow back through the casts to the
+Mixed precision (`compute_dtype="bfloat16"`): the float32 parameters and the network input are cast
+to bfloat16 for the network's forward pass, whose output is cast back to float32 before it becomes
+a score; the noise conditioning c_noise stays float32 (999 t in bfloat16 would be rounded to
+multiples of 4), and so do the random Fourier frequencies (`layers.UNTRAINED_MODULES`), from which
+the networks form their noise embedding in float32. Gradients flow back through the casts to the
 float32 parameters, so the optimizer, EMA and checkpoints stay float32 (Micikevicius et al. 2018,
 without loss scaling, which bfloat16's float32 exponent range makes unnecessary).
 """
@@ -49,6 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion.models.layers import is_untrained
 from diffusion.sde import SDE, batch_broadcast
 
 Array = jax.Array
@@ -67,17 +68,15 @@ _NOISE_CONDITIONING = {
 PARAMETERIZATIONS = tuple(_OUTPUT_TO_SCORE)
 NOISE_INPUTS = tuple(_NOISE_CONDITIONING)
 COMPUTE_DTYPES = ("float32", "bfloat16")
-# Parameters of these modules stay float32 under mixed precision (phases 2 pi t W need W exactly).
-FLOAT32_PARAMS = ("GaussianFourierProjection",)
 
 
-def cast_floating(tree, dtype, keep: tuple[str, ...] = ()):
-    """Every floating-point leaf of `tree` cast to `dtype`, except leaves under a dict key that
-    starts with one of `keep`; other leaves untouched."""
+def cast_floating(tree, dtype):
+    """Every floating-point leaf of `tree` cast to `dtype`, except the untrained constants
+    (`layers.UNTRAINED_MODULES`: 2 pi t W needs the Fourier frequencies W in float32)."""
 
     def cast(path, a):
-        kept = any(str(getattr(k, "key", "")).startswith(keep) for k in path) if keep else False
-        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and not kept else a
+        floating = jnp.issubdtype(a.dtype, jnp.floating)
+        return a.astype(dtype) if floating and not is_untrained(path) else a
 
     return jax.tree_util.tree_map_with_path(cast, tree)
 
@@ -170,7 +169,7 @@ class ScoreModel:
             net_x = batch_broadcast(jax.lax.rsqrt(alpha**2 + sigma**2), x) * net_x
         dtype = jnp.dtype(self.compute_dtype)
         if dtype != jnp.float32:      # mixed precision
-            params = cast_floating(params, dtype, keep=FLOAT32_PARAMS)
+            params = cast_floating(params, dtype)
             net_x = net_x.astype(dtype)
         out = self.net.apply({"params": params}, net_x, c_noise, y=y,
                              train=train, rngs={} if rng is None else {"dropout": rng})
