@@ -364,12 +364,12 @@ class VESDE(SDE):
         return jnp.zeros_like(x), g
 
     def marginal_coeffs(self, t):
-        log_ratio = math.log(self.sigma_max / self.sigma_min)
         if self.exact_std:
             # sigma(t)^2 - sigma_min^2 = sigma_min^2 expm1(2 t log(sigma_max / sigma_min)).
+            log_ratio = math.log(self.sigma_max / self.sigma_min)
             std = self.sigma_min * jnp.sqrt(jnp.expm1(2.0 * t * log_ratio))
         else:
-            std = self.sigma_min * jnp.exp(t * log_ratio)
+            std = self.sigma(t)
         return jnp.ones_like(t), std
 
     def prior_sampling(self, key, shape):

@@ -33,7 +33,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization
+from flax import serialization, traverse_util
 
 from diffusion import models
 
@@ -82,7 +82,7 @@ def score_sde_params(state_dict: dict, which: str = "ema") -> dict:
 def rename(params: dict) -> dict[tuple[str, ...], np.ndarray]:
     """score_sde's parameter tree -> {path in this codebase's tree: float32 array}."""
     out = {}
-    for path, value in _flatten(params).items():
+    for path, value in traverse_util.flatten_dict(params).items():
         new = list(path)
         block = re.fullmatch(r"(\w+?)_(\d+)", path[0])
         kind = block.group(1) if block else None
@@ -122,7 +122,7 @@ def convert(state_dict: dict, config, which: str = "ema") -> dict:
 def _convert_params(params: dict, expected) -> dict:
     """Renames score_sde `params` and checks them against the `expected` shape tree."""
     got = rename(params)
-    want = {path: leaf.shape for path, leaf in _flatten(expected).items()}
+    want = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(expected).items()}
     for path in sorted(set(want) | set(got)):
         name = "/".join(path)
         if path not in got:
@@ -140,7 +140,7 @@ def _convert_params(params: dict, expected) -> dict:
                 f"Parameter {name}: the checkpoint's shape {got[path].shape} differs from the "
                 f"config's {tuple(want[path])} (check model.nf, ch_mult, embedding_type and "
                 f"data.num_channels).")
-    return _unflatten({path: jnp.asarray(v) for path, v in got.items()})
+    return traverse_util.unflatten_dict({path: jnp.asarray(v) for path, v in got.items()})
 
 
 def write_checkpoint(state_dict: dict, config, workdir: str) -> int:
@@ -188,23 +188,3 @@ def _expected_shapes(config) -> dict:
     y = jnp.zeros((1,), jnp.int32) if config.model.get("num_classes") is not None else None
     return jax.eval_shape(lambda k: net.init(k, x, jnp.ones((1,)), y=y)["params"],
                           jax.random.key(0))
-
-
-def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, prefix + (str(key),)))
-        else:
-            out[prefix + (str(key),)] = value
-    return out
-
-
-def _unflatten(flat: dict[tuple[str, ...], object]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree

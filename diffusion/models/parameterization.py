@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion.models.layers import is_untrained
-from diffusion.sde import SDE, batch_broadcast
+from diffusion.sde import SDE, _discrete_index, batch_broadcast
 
 Array = jax.Array
 
@@ -140,8 +140,7 @@ class ScoreModel:
             label = label.astype(jnp.int32)
             alpha, sigma = self.sde.discrete_coeffs(self.sde.N - 1 - label)
             return alpha, sigma, label.astype(t.dtype)
-        level = jnp.clip(steps.astype(jnp.int32), 0, self.sde.N - 1)   # floor, as score_sde
-        alpha, sigma = self.sde.discrete_coeffs(level)
+        alpha, sigma = self.sde.discrete_coeffs(_discrete_index(t, self.sde.T, self.sde.N))
         return alpha, sigma, steps
 
     def level_conditioning(self, i: Array) -> tuple[Array, Array, Array]:
