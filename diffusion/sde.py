@@ -406,14 +406,30 @@ SDES: dict[str, type[SDE]] = {
 }
 
 
+def denoised(sde: SDE, score_fn: ScoreFn, x: Array, t: float) -> Array:
+    """Tweedie's estimate E[x_0 | x_t] = (x + sigma(t)^2 score(x, t)) / alpha(t) at one time t."""
+    t_batch = jnp.full((x.shape[0],), t, x.dtype)
+    alpha, sigma = sde.marginal_coeffs(t_batch)
+    return (x + batch_broadcast(sigma, x) ** 2 * score_fn(x, t_batch)) / batch_broadcast(alpha, x)
+
+
+def sde_fields(name: str) -> set[str]:
+    """The constructor fields of the SDE called `name` (what config.sde may set for it)."""
+    return {f.name for f in dataclasses.fields(SDES[name])}
+
+
 def get_sde(name: str, **kwargs) -> SDE:
     """Builds the SDE called `name` ("vpsde" | "subvpsde" | "vesde" | "cosine_vpsde").
 
-    Keyword arguments that the class does not take are ignored, so a config's `sde` block with
-    beta_* and sigma_* keys serves every SDE.
+    Keyword arguments that belong to another SDE class (a config's `sde` block holds beta_* and
+    sigma_* keys for all of them) are ignored; one that no SDE takes is a ValueError.
+    (`experiment.check_config` also refuses a value changed for a key the chosen SDE ignores.)
     """
     if name not in SDES:
         raise ValueError(f"Unknown SDE {name!r}: config.sde.name must be one of {sorted(SDES)}.")
-    cls = SDES[name]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in kwargs.items() if k in fields})
+    every = set().union(*(sde_fields(n) for n in SDES))
+    unknown = sorted(set(kwargs) - every)
+    if unknown:
+        raise ValueError(f"Unknown SDE arguments {unknown}: the SDEs take {sorted(every)}.")
+    fields = sde_fields(name)
+    return SDES[name](**{k: v for k, v in kwargs.items() if k in fields})

@@ -21,7 +21,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from diffusion.sde import SDE, ScoreFn, batch_broadcast
+from diffusion.sde import SDE, ScoreFn, denoised
 
 Array = jax.Array
 
@@ -103,10 +103,3 @@ def ode_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
         x = denoised(sde, score_fn, x, eps)
         nfe = nfe + 1
     return (x, nfe, z) if return_latent else (x, nfe)
-
-
-def denoised(sde: SDE, score_fn: ScoreFn, x: Array, t: float) -> Array:
-    """Tweedie's estimate E[x_0 | x_t] = (x + sigma(t)^2 score(x, t)) / alpha(t)."""
-    t_batch = jnp.full((x.shape[0],), t, x.dtype)
-    alpha, sigma = sde.marginal_coeffs(t_batch)
-    return (x + batch_broadcast(sigma, x) ** 2 * score_fn(x, t_batch)) / batch_broadcast(alpha, x)

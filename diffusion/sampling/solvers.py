@@ -43,8 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from diffusion.sampling.ode import denoised
-from diffusion.sde import SDE, ScoreFn
+from diffusion.sde import SDE, ScoreFn, denoised
 
 Array = jax.Array
 
