@@ -158,9 +158,7 @@ class GaussianMixture:
         if n_components < 1 or dim < 2:
             raise ValueError(f"ring needs n_components >= 1 and dim >= 2, got {n_components} "
                              f"and {dim}.")
-        angles = 2.0 * np.pi * np.arange(n_components) / n_components
-        means = np.zeros((n_components, dim))
-        means[:, 0], means[:, 1] = radius * np.cos(angles), radius * np.sin(angles)
+        means = datasets.ring_means(n_components, radius, dim)
         weights = np.full(n_components, 1.0 / n_components)
         return cls.isotropic(jnp.asarray(weights), jnp.asarray(means), jnp.asarray(std))
 
