@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from diffusion import datasets, train  # noqa: E402
+from diffusion import datasets, train, train_state  # noqa: E402
 
 
 def load_config(path: str):
@@ -70,7 +70,7 @@ def bare_loop(config, steps: int, warmup: int) -> float:
     """Steps/s of the jitted train step alone on one fixed, device-resident batch."""
     exp = train.build(config)
     mesh = train.data_mesh()
-    state = train._init_state(exp, config, mesh)
+    state = train.init_train_state(exp, mesh)
     step_fn = train.make_train_step(exp.loss_fn, exp.tx, config.model.ema_rate, mesh,
                                       config.model.ema_warmup)
     n_jit = config.training.n_jitted_steps
@@ -165,7 +165,7 @@ def measure_network(config, steps: int, warmup: int, compile_only: bool) -> dict
         exp = train.build(config)
     mesh = train.data_mesh()
     n_jit, batch = config.training.n_jitted_steps, config.training.batch_size
-    abstract = train._abstract_state(exp, config, mesh)
+    abstract = train_state.abstract_train_state(exp, mesh)
     x_spec = jax.ShapeDtypeStruct((n_jit, batch, *exp.dataset.data_shape), np.float32,
                                   sharding=NamedSharding(mesh, P(None, train.DATA_AXIS)))
     key = jax.random.key(0)
@@ -187,7 +187,7 @@ def measure_network(config, steps: int, warmup: int, compile_only: bool) -> dict
                mem_bytes=mem_bytes, model_flops=3.0 * float(cost["flops"]))
     if compile_only:
         return row
-    state = train._init_state(exp, config, mesh)
+    state = train.init_train_state(exp, mesh)
     data = train.put_batch({"x": np.random.default_rng(0).standard_normal(
         (n_jit, batch, *exp.dataset.data_shape)).astype(np.float32)}, mesh)
     for _ in range(max(1, warmup // n_jit)):

@@ -58,13 +58,27 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(target))
-    except Exception as e:  # orbax raises many types (ValueError, KeyError, OSError, ...)
+    except (ValueError, KeyError, TypeError, OSError) as e:  # what orbax / tensorstore raise
         steps = sorted(manager.all_steps())
+        if _is_structure_mismatch(e):
+            what = ("does not fit this config's model / optimizer (it was written by a different "
+                    "model.* or optim.* setting)")
+            todo = "Use the config that wrote it, or a fresh --workdir."
+        else:
+            what = "is unreadable (corrupted, or its files are incomplete)"
+            todo = f"Move {path} out of the way to resume from the previous one."
         raise CheckpointError(
-            f"Cannot restore the checkpoint {path} ({type(e).__name__}: {str(e)[:300]}). It is "
-            f"corrupted or was written by a different model/optimizer config. Checkpoints in this "
-            f"workdir: steps {steps}. Move {path} out of the way to resume from the previous one, "
-            f"or use a fresh --workdir.") from e
+            f"The checkpoint {path} {what}: {type(e).__name__}: {str(e)[:300]}. Checkpoints in "
+            f"this workdir: steps {steps}. {todo}") from e
+
+
+def _is_structure_mismatch(error: Exception) -> bool:
+    """Whether orbax refused the checkpoint for its tree structure, shapes or dtypes (rather than
+    for missing or unreadable files)."""
+    text = str(error).lower()
+    return isinstance(error, ValueError | KeyError | TypeError) and any(
+        word in text for word in ("shape", "structure", "tree", "dtype", "mismatch",
+                                  "missing key", "unexpected key"))
 
 
 class PreemptionWatcher:

@@ -1,6 +1,9 @@
 """Shared defaults of every experiment (score_sde's names and values); not an experiment itself.
 
-Experiments import `get_default_config()` and override only what differs. Keys:
+Experiments (experiments/*.py) start from `get_default_config()` and override only what differs.
+`diffusion.experiment.check_config` refuses a key that is not here unless the chosen network
+(model.*) or SDE (sde.*) takes it, and a value changed from its default here that the chosen
+network, SDE, sampler or loss does not use. Keys:
   seed; sde.{name, beta_min, beta_max, sigma_min, sigma_max, N, s, exact_std};
   model.{name, ema_rate, ema_warmup, parameterization, noise_input, scale_input, scale_by_sigma,
   num_classes, remat, <network fields>}; data.{dataset,

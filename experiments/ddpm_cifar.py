@@ -44,8 +44,7 @@ def get_config(arg: str | None = None):
     config.sampling.predictor = "ancestral"
     config.sampling.corrector = "none"
     if arg == "smoke":
-        config = vp_cifar.smoke(config)
-        config.model.ch = 16
+        config = vp_cifar.smoke(config)   # width ch = 16
         config.sde.N = 100           # the discrete chain needs beta_max / N < 1
         return config
     return vp_cifar._no_variant(config, arg, variants=("smoke",))

@@ -67,7 +67,7 @@ def get_config(arg: str | None = None):
 
 def smoke(config):
     """Shrinks a CIFAR-10 config to run end to end on a CPU in seconds (used by the tests)."""
-    config.model.nf = 16
+    config.model["ch" if config.model.name == "unet" else "nf"] = 16   # the network's width
     config.model.num_res_blocks = 1
     config.model.ch_mult = (1, 2)
     config.training.batch_size = 8

@@ -6,7 +6,8 @@
     python scripts/run.py --config experiments/vp_cifar.py:smoke --workdir /tmp/w \\
         --config.training.n_iters=10                                             # overrides
 
-All logic lives in `diffusion.train`; this file parses flags and makes one call per mode.
+All logic lives in `diffusion` (train.py, evaluate.py, generate.py); this file parses flags
+and makes one call per mode.
 """
 
 import os
@@ -40,7 +41,11 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import jax
 
-    from diffusion import train
+    from diffusion import checkpointing, train
+
+    # Errors that mean "fix the config, data or workdir" and say how; a bug keeps its traceback.
+    user_errors = (ValueError, FileNotFoundError, FloatingPointError,
+                   checkpointing.CheckpointError)
 
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO level
         logging.set_verbosity(logging.WARNING)
@@ -54,11 +59,11 @@ def main(argv):
     run = {"train": train.train_and_evaluate, "eval": train.evaluate, "sample": train.sample}
     try:
         run[_MODE.value](_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+    except user_errors as e:
         if os.environ.get("DIFFUSION_TRACEBACK"):
             raise
         # One clear message instead of a deep traceback; DIFFUSION_TRACEBACK=1 shows it.
-        sys.exit(f"Error ({type(e).__name__}): {e}")
+        sys.exit(f"Error ({type(e).__name__}): {e}\n(DIFFUSION_TRACEBACK=1 shows the traceback)")
 
 
 if __name__ == "__main__":

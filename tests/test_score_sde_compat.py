@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import checkpointing, models, train
+from diffusion import models, train, train_state
 from diffusion.compat import score_sde
 from experiments import subvp_cifar, ve_cifar, vp_cifar
 
@@ -155,8 +155,7 @@ def test_convert_script_writes_a_checkpoint_that_samples(tmp_path, fixtures):
     assert samples.shape == (4, 32, 32, 3) and np.all(np.isfinite(samples))
     # The checkpoint's EMA parameters are the converted params_ema.
     exp = train.build(config, shape_only_data=True)
-    manager = checkpointing.make_manager(workdir, read_only=True)
-    state = checkpointing.restore(manager, train._abstract_state(exp, config, train.data_mesh()))
+    state = train_state.restore_latest(exp, workdir, train.data_mesh())
     assert int(state.step) == 26
     state_dict, io = fixtures["ve_ncsnpp"]
     expected = score_sde.convert(state_dict, config)

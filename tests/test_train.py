@@ -13,7 +13,7 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
-from diffusion import checkpointing, losses, models, train
+from diffusion import evaluate, losses, models, train, train_state
 from diffusion import sde as sde_lib
 from diffusion.models import parameterization
 from experiments import toy_2d
@@ -93,11 +93,7 @@ def test_n_jitted_steps_do_not_change_the_result():
 
 
 def _params(workdir, config):
-    exp = train.build(config)
-    manager = checkpointing.make_manager(workdir, read_only=True)
-    state = checkpointing.restore(manager, train._abstract_state(exp, config, train.data_mesh()))
-    manager.close()
-    return state
+    return train_state.restore_latest(train.build(config), workdir, train.data_mesh())
 
 
 def _assert_same_state(a, b):
@@ -184,7 +180,7 @@ def test_bad_config_values_give_one_clear_error(tmp_path):
         config[section][field] = value
         with pytest.raises(ValueError, match=match):
             if section == "sampling":
-                train.make_sampler(train.build(config), config.sampling, 8, train.data_mesh())
+                train.build(config)
             else:
                 train.build(config)
 
@@ -236,8 +232,8 @@ def test_bits_per_dim_protocol_passes_over_the_whole_split(monkeypatch):
         seen.append(x)
         return jnp.asarray(-np.sum(x**2, axis=(1, 2, 3))), jnp.ones((4,), jnp.int32)
 
-    monkeypatch.setattr(train, "make_log_likelihood", lambda *args: fake_log_likelihood)
-    record = train.eval_likelihood(exp, config, {}, train.data_mesh())
+    monkeypatch.setattr(evaluate, "make_log_likelihood", lambda *args: fake_log_likelihood)
+    record = evaluate.eval_likelihood(exp, {}, train.data_mesh())
     n = len(exp.dataset.eval)
     assert record["likelihood_examples"] == 2 * n
     assert all(len(x) == config.eval.batch_size for x in seen)        # padded batches

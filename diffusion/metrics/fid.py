@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion import files
 from diffusion.metrics import inception
 
 Array = jax.Array
@@ -166,11 +167,8 @@ class FeatureStats:
     def save(self, path: str, **meta) -> None:
         """Atomically writes mean, covariance, kept features and `meta` (JSON) to `path` (.npz)."""
         mean, cov = self.mean_cov()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, mu=mean, sigma=cov, n=self.n, features=self.features,
-                 meta=json.dumps(meta, sort_keys=True))
-        os.replace(tmp, path)
+        files.atomic_savez(path, mu=mean, sigma=cov, n=self.n, features=self.features,
+                           meta=json.dumps(meta, sort_keys=True))
 
     @classmethod
     def load(cls, path: str) -> tuple[FeatureStats, dict]:

@@ -39,18 +39,38 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
+# config.model keys that are not network fields: read by get_score_model and the training loop.
+SHARED_KEYS = ("name", "ema_rate", "ema_warmup", "parameterization", "noise_input", "scale_input",
+               "scale_by_sigma")
+# Network fields with a shared default in every config (diffusion/defaults.py), passed to the
+# networks that have them; `experiment.check_config` refuses a changed value for one that does not.
+OPTIONAL_FIELDS = ("num_classes", "remat")
+
+
+def network_fields(cls: type[nn.Module]) -> set[str]:
+    """The constructor fields of a network class (what config.model may set for it)."""
+    return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+
+
 def get_model(config) -> nn.Module:
     """The network named by `config.model.name`, built from the keys of `config.model`.
 
-    Only keys that are fields of the chosen class are passed (the block also holds ema_rate,
-    parameterization, noise_input, ... which are ignored); lists become tuples.
+    Every key of the block is one of SHARED_KEYS, one of OPTIONAL_FIELDS or a field of the
+    chosen class; any other key (a misspelt field, or one of another network) is a ValueError
+    naming it and the valid fields. Lists become tuples.
     """
     name = config.model.name
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}: config.model.name must be one of "
                          f"{sorted(MODELS)}.")
     cls = MODELS[name]
-    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    fields = network_fields(cls)
+    unknown = sorted(k for k in config.model
+                     if k not in fields and k not in SHARED_KEYS + OPTIONAL_FIELDS)
+    if unknown:
+        raise ValueError(f"config.model has keys that network {name!r} ({cls.__name__}) does not "
+                         f"take: {unknown}. Its fields are {sorted(fields)}; the shared keys "
+                         f"are {list(SHARED_KEYS)}.")
     kwargs = {k: tuple(v) if isinstance(v, list) else v
               for k, v in config.model.items() if k in fields}
     return cls(**kwargs)

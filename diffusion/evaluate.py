@@ -1,0 +1,272 @@
+"""Evaluating a trained model: eval loss, likelihood (bits/dim) and sample quality.
+
+    record = evaluate(config, workdir)     # --mode eval: one JSON line in <workdir>/eval.jsonl
+
+Each measure is also a function of an `experiment.Experiment`, parameters and the device mesh
+(`eval_loss`, `eval_likelihood`, `eval_sample_quality`, `sample_distances`), with its settings
+from `exp.eval` (`experiment.EvalSettings`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from diffusion import datasets, likelihood, metrics
+from diffusion.experiment import EvalSettings, Experiment, build
+from diffusion.generate import draw_samples, sample_batches
+from diffusion.models import parameterization
+from diffusion.parallel import DATA_AXIS, batch_sharding, data_mesh, map_over_batch
+from diffusion.progress import progress
+from diffusion.train_state import restore_latest
+
+
+def eval_loss(exp: Experiment, params, num_batches: int, key: jax.Array) -> float:
+    """Mean loss of `params` (typically the EMA) on the eval split, over fixed noise."""
+    if "eval_loss" not in exp.compiled:
+        exp.compiled["eval_loss"] = jax.jit(lambda p, b, k: jnp.mean(exp.loss_fn(p, b, k)))
+    loss_fn = exp.compiled["eval_loss"]
+    bs = exp.eval.batch_size
+    num_batches = min(num_batches, max(1, len(exp.dataset.eval) // bs))
+    total = 0.0
+    for i in range(num_batches):
+        batch = datasets.batch_at(exp.dataset, "eval", i, bs, seed=exp.seed, train=False,
+                                  centered=exp.data.centered,
+                                  uniform_dequantization=exp.data.uniform_dequantization)
+        if not exp.conditional:
+            batch = {"x": batch["x"]}
+        total += float(loss_fn(params, batch, jax.random.fold_in(key, i)))
+    return total / num_batches
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Evaluates the latest checkpoint; appends one JSON line to `<workdir>/eval.jsonl`.
+
+    Reports the eval-split loss of the EMA parameters (the score-matching objective), with
+    `eval.enable_bpd` the likelihood of eval data through the probability-flow ODE (bits/dim for
+    images, nats per example for points; `eval_likelihood`); for images with `eval.enable_fid`
+    FID / KID / Inception Score of `eval.fid_num_samples` samples (`eval_sample_quality`); for
+    low-dimensional data the sliced Wasserstein distance and MMD between `sampling.num_samples`
+    samples (configured sampler) and the eval split. Returns the record written.
+    """
+    exp = build(config)
+    mesh = data_mesh()
+    state = restore_latest(exp, workdir, mesh)
+    step = int(state.step)
+    extractor = None
+    if exp.dataset.is_image and exp.eval.enable_fid:
+        # The Inception weights load (or fail, saying how to get them) before any long work.
+        extractor = make_inception_extractor(exp.eval)
+    t0 = time.time()
+    record = {"step": step,
+              "eval_loss": eval_loss(exp, state.ema_params, exp.eval.num_batches,
+                                     exp.key("eval")),
+              "eval_split_examples": len(exp.dataset.eval)}
+    if exp.eval.enable_bpd:
+        record.update(eval_likelihood(exp, state.ema_params, mesh))
+    if not exp.dataset.is_image:
+        record.update(sample_distances(exp, state.ema_params, mesh))
+    if extractor is not None:
+        record.update(eval_sample_quality(exp, state.ema_params, mesh, workdir, extractor))
+    record["seconds"] = round(time.time() - t0, 2)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    print(f"eval at step {step}: " + ", ".join(f"{k} {v}" for k, v in record.items()), flush=True)
+    return record
+
+
+# --------------------------------------------------------------------------- likelihood
+
+
+def make_log_likelihood(exp: Experiment, settings: EvalSettings, mesh: Mesh) -> Callable:
+    """A jitted `(params, key, x) -> (logp (B,), nfe (n_devices,))`, x sharded over the mesh."""
+    e = settings
+
+    def device_logp(params, key, x):
+        key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+        score_fn = parameterization.score_fn_from_model(exp.score_model, params)
+        logp, nfe = likelihood.log_likelihood(
+            key, exp.sde, score_fn, x, divergence=e.bpd_divergence, rtol=e.likelihood_rtol,
+            atol=e.likelihood_atol, eps=e.likelihood_eps)
+        return logp, jnp.reshape(nfe, (1,))
+
+    return map_over_batch(device_logp, mesh)
+
+
+def eval_likelihood(exp: Experiment, params, mesh: Mesh) -> dict:
+    """Log-likelihood of eval data under the probability-flow ODE.
+
+    The protocol is score_sde's (run_lib.evaluate): `eval.bpd_num_repeats` passes over the eval
+    split (5 over the whole test set in the paper configs), each example uniformly dequantized
+    with fresh noise in every pass ((level + u) / L, then scaled like the training data). Pass p
+    reads the first m examples of the split's epoch-p permutation, m = the whole split when
+    `eval.bpd_num_batches` is 0, else that many batches of `eval.batch_size`. Images are
+    reported in bits/dim of the L-level data (offset log2(L / data range): 7 for 8-bit data in
+    [-1, 1], 8 for [0, 1]); points in nats per example (`nll`). Also reports the standard error
+    over examples and the solver's NFE (largest over batches and devices).
+    """
+    if exp.conditional:
+        return {}   # the likelihood of a class-conditional model needs a label marginal
+    e = exp.eval
+    if e.bpd_divergence not in likelihood.DIVERGENCES:
+        raise ValueError(f"Unknown config.eval.bpd_divergence {e.bpd_divergence!r}: use one of "
+                         f"{likelihood.DIVERGENCES}.")
+    cache_key = ("log_likelihood", e, mesh)
+    if cache_key not in exp.compiled:
+        exp.compiled[cache_key] = make_log_likelihood(exp, e, mesh)
+    log_likelihood_fn = exp.compiled[cache_key]
+    bs, n = e.batch_size, len(exp.dataset.eval)
+    per_pass = n if e.bpd_num_batches <= 0 else min(n, e.bpd_num_batches * bs)
+    positions = np.concatenate([p * n + np.arange(per_pass) for p in range(e.bpd_num_repeats)])
+    print(f"likelihood of {per_pass} eval examples x {e.bpd_num_repeats} dequantizations through "
+          f"the probability-flow ODE ({e.bpd_divergence} divergence, rtol {e.likelihood_rtol}); "
+          f"set eval.enable_bpd=False to skip", flush=True)
+    key = exp.key("likelihood")
+    logps, nfe = [], 0
+    batches = [positions[i:i + bs] for i in range(0, len(positions), bs)]
+    for i, batch_positions in enumerate(progress(iter(batches), len(positions), bs,
+                                                 "likelihood examples")):
+        # The last batch is padded to the compiled size by repeating its last example.
+        padded = np.pad(batch_positions, (0, bs - len(batch_positions)), mode="edge")
+        x = datasets.examples_at(exp.dataset, "eval", padded, seed=exp.seed,
+                                 centered=exp.data.centered, uniform_dequantization=True)["x"]
+        logp, batch_nfe = log_likelihood_fn(params, jax.random.fold_in(key, i),
+                                            jax.device_put(x, batch_sharding(mesh)))
+        logps.append(np.asarray(jax.device_get(logp))[:len(batch_positions)])
+        nfe = max(nfe, int(np.max(batch_nfe)))
+    logp = np.concatenate(logps).astype(np.float64)
+    if not np.all(np.isfinite(logp)):
+        raise FloatingPointError("The likelihood ODE solve produced non-finite values (solver "
+                                 "failure or a diverging model); try larger eval.likelihood_rtol.")
+    if exp.dataset.is_image:
+        data_range = 2.0 if exp.data.centered else 1.0
+        values = np.asarray(likelihood.bits_per_dim(
+            logp, exp.dataset.data_shape, offset=math.log2(exp.dataset.num_levels / data_range)))
+        name = "bpd"
+    else:
+        values, name = -logp, "nll"
+    return {name: float(values.mean()),
+            f"{name}_std_err": float(values.std() / math.sqrt(len(values))),
+            "likelihood_nfe": nfe, "likelihood_examples": len(values)}
+
+
+# --------------------------------------------------------------------------- sample quality
+
+
+def sample_distances(exp: Experiment, params, mesh: Mesh) -> dict:
+    """Sliced W2 and MMD between model samples and (up to 10k) eval-split points.
+
+    The same distances between as many training points and the eval split are reported as
+    `*_data_floor`: what a perfect model would score with this many samples.
+    """
+    samples, nfe = draw_samples(exp, params, mesh, exp.sampling.num_samples,
+                                exp.key("eval_samples"))
+    n = min(len(exp.dataset.eval), 10_000)
+    ref = np.stack([exp.dataset.eval[i]["x"] for i in range(n)]).astype(np.float32)
+    key = exp.key("projections")
+    m = min(2000, n, len(samples))
+    train_points = datasets.batch_at(exp.dataset, "train", 0, len(samples), seed=exp.seed,
+                                     train=False)["x"]
+    return {"sliced_wasserstein": float(metrics.sliced_wasserstein(key, samples, ref)),
+            "sliced_wasserstein_data_floor": float(
+                metrics.sliced_wasserstein(key, train_points, ref)),
+            "mmd": float(metrics.mmd_rbf(samples[:m], ref[:m])),
+            "mmd_data_floor": float(metrics.mmd_rbf(train_points[:m], ref[:m])),
+            "sampler_nfe": nfe, "num_samples": len(samples)}
+
+
+def make_inception_extractor(settings: EvalSettings) -> metrics.InceptionExtractor:
+    """The FID Inception network on this process's devices (batch split over them if it divides)."""
+    local = jax.local_devices()
+    sharding = None
+    if len(local) > 1 and settings.fid_batch_size % len(local) == 0:
+        sharding = NamedSharding(Mesh(np.array(local), (DATA_AXIS,)), P(DATA_AXIS))
+    return metrics.InceptionExtractor(settings.inception_weights or None,
+                                      settings.fid_batch_size, sharding)
+
+
+def reference_statistics(exp: Experiment, workdir: str, extractor: metrics.InceptionExtractor
+                         ) -> tuple[metrics.FeatureStats, str]:
+    """Inception statistics of the data split `eval.fid_ref_split`, computed once and cached.
+
+    The cache file (in `eval.fid_stats_dir`, default `<workdir>/fid_stats`) is named after the
+    dataset, the stored split (e.g. tfds "train"), crop, image size, number of examples and the
+    Inception weights' hash, so a change of any of them computes new statistics. Images are the
+    split's 8-bit pixels as stored (no dequantization or flips). Returns the statistics and a
+    description for the record.
+    """
+    e = exp.eval
+    split = e.fid_ref_split
+    source = exp.dataset.split(split)
+    n = len(source) if e.fid_ref_max_examples <= 0 else min(len(source), e.fid_ref_max_examples)
+    h, w, _ = exp.dataset.data_shape
+    fingerprint = metrics.fid.weights_fingerprint(extractor.weights_path)
+    name = f"{e.fid_ref_tag}_{h}x{w}_{n}_{fingerprint}.npz"
+    path = os.path.join(e.fid_stats_dir or os.path.join(workdir, "fid_stats"), name)
+    description = f"{exp.dataset.name}/{split} ({n} images)"
+    if os.path.exists(path):
+        stats, _ = metrics.FeatureStats.load(path)
+        print(f"reference statistics of {description}: {path}", flush=True)
+        return stats, description
+    print(f"computing reference Inception statistics of {description} once; cached in {path}",
+          flush=True)
+    bs = extractor.batch_size
+
+    def batches():
+        for start in range(0, n, bs):
+            levels, _ = datasets.take(source, np.arange(start, min(start + bs, n)))
+            yield metrics.fid.to_pixels(levels / np.float32(exp.dataset.num_levels - 1))
+
+    stats = extractor.stats(progress(batches(), n, bs, "reference images"),
+                            max_keep=max(e.kid_subset_size, 10_000))
+    if jax.process_index() == 0:
+        stats.save(path, dataset=exp.dataset.name, split=split, num_examples=n,
+                   weights=fingerprint)
+    return stats, description
+
+
+def eval_sample_quality(exp: Experiment, params, mesh: Mesh, workdir: str,
+                        extractor: metrics.InceptionExtractor) -> dict:
+    """FID, KID and (if the weights have the classifier) Inception Score of
+    `eval.fid_num_samples` samples of the configured sampler against `reference_statistics`.
+
+    Samples stream through the Inception network batch by batch, so 50k samples need memory for
+    one batch and the running statistics only. The record says which sampler and NFE.
+    """
+    e = exp.eval
+    ref, ref_description = reference_statistics(exp, workdir, extractor)
+    num = e.fid_num_samples
+    method = exp.sampling.method
+    print(f"FID / KID: {num} samples ({method} sampler) against {ref_description}", flush=True)
+    inverse = datasets.inverse_scaler(exp.data.centered)
+    nfe = 0
+
+    def pixels():
+        nonlocal nfe
+        batches = sample_batches(exp, params, mesh, num, exp.key("fid"))
+        for x, batch_nfe in progress(batches, num, exp.sampling.batch_size, "samples"):
+            nfe = max(nfe, batch_nfe)
+            if not np.all(np.isfinite(x)):
+                raise FloatingPointError(f"Sampling produced non-finite values (sampler "
+                                         f"{method}); no FID was recorded.")
+            yield metrics.fid.to_pixels(inverse(x))
+
+    gen = extractor.stats(pixels(), max_keep=max(e.kid_subset_size, 10_000))
+    out = metrics.sample_quality(gen, ref, e.kid_subsets, e.kid_subset_size, e.is_splits)
+    if not extractor.has_logits:
+        print("Inception Score: not available (the converted Inception weights have no "
+              "classifier layer; see README, 'Sample quality')", flush=True)
+    out.update(fid_num_samples=num, fid_reference=ref_description, sampler=method,
+               sampler_nfe=nfe)
+    return out

@@ -1,0 +1,48 @@
+"""The device mesh and data parallelism shared by training, sampling and evaluation.
+
+Every collective program of this codebase runs on one 1-D mesh over all devices of all
+processes, with the batch dimension split along its axis `DATA_AXIS`:
+
+    mesh = data_mesh()
+    step = jax.jit(shard_over_batch(per_device_fn, mesh, ...))
+    batch = put_batch({"x": local_x}, mesh)      # process-local rows -> one global array
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def data_mesh() -> Mesh:
+    """A 1-D mesh over every device of every process, named DATA_AXIS."""
+    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+    """Process-local numpy arrays (n_jit, b_local, ...) -> global arrays sharded on dimension 1."""
+    sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Arrays whose leading (batch) dimension is split over the mesh's devices."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def map_over_batch(per_device: Callable, mesh: Mesh) -> Callable:
+    """jit of `per_device(params, key, batch) -> (out (b, ...), stat (1,))` over `mesh`.
+
+    params and key are replicated; `batch` (B, ...) and both outputs are split over the devices
+    on their first dimension. No collectives run inside, so the varying-axis checks are off
+    (diffrax's loops do not annotate them). Used for sampling and likelihoods, where each device
+    works on its own rows; `per_device` folds `jax.lax.axis_index(DATA_AXIS)` into its key.
+    """
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
+                                 out_specs=(P(DATA_AXIS), P(DATA_AXIS)), check_vma=False))

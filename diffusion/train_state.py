@@ -1,0 +1,103 @@
+"""The optimizer and the train state: create one, describe its shapes, restore it.
+
+    tx = create_optimizer(lr=2e-4, warmup=5000, grad_clip=1.0)
+    state = init_train_state(exp, mesh)                   # fresh, replicated over the mesh
+    state = restore_or_init(exp, manager, mesh)           # the latest checkpoint, else fresh
+    state = restore_latest(exp, workdir, mesh)            # the latest checkpoint, else an error
+
+`exp` is an `experiment.Experiment` (its network, optimizer, data shape and seed).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from diffusion import checkpointing
+from diffusion.models import layers
+
+
+def create_optimizer(lr: float, warmup: int = 0, grad_clip: float = -1.0, beta1: float = 0.9,
+                     beta2: float = 0.999, eps: float = 1e-8,
+                     weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """Adam (or AdamW if weight_decay > 0) with linear warmup and global-norm gradient clipping.
+
+    score_sde's defaults: lr 2e-4, warmup 5000 steps, clip 1.0. grad_clip <= 0 disables clipping.
+    """
+    schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else lr
+    # Weight decay skips the untrained constants (the Fourier frequencies).
+    decayed = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: not layers.is_untrained(path), params)
+    adam = (optax.adamw(schedule, beta1, beta2, eps, weight_decay=weight_decay, mask=decayed)
+            if weight_decay > 0 else optax.adam(schedule, beta1, beta2, eps))
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adam) if grad_clip > 0 else adam
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds. step counts optimizer updates done."""
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+def create_train_state(key: jax.Array, net, tx: optax.GradientTransformation,
+                       example_x: jax.Array, example_y: jax.Array | None = None) -> TrainState:
+    """Initialises the network on an example batch; EMA params start equal to params."""
+    t = jnp.ones((example_x.shape[0],), example_x.dtype)
+    params = net.init(key, example_x, t, y=example_y, train=False)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=tx.init(params))
+
+
+def _create(exp) -> functools.partial:
+    x = jnp.zeros((1, *exp.dataset.data_shape), jnp.float32)
+    y = jnp.zeros((1,), jnp.int32) if exp.conditional else None
+    return functools.partial(create_train_state, net=exp.net, tx=exp.tx, example_x=x, example_y=y)
+
+
+def abstract_train_state(exp, mesh: Mesh) -> TrainState:
+    """The train state's shapes and (replicated) shardings, without computing it."""
+    shapes = jax.eval_shape(_create(exp), jax.random.key(0))
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                        shapes)
+
+
+def init_train_state(exp, mesh: Mesh) -> TrainState:
+    """A freshly initialised state (from the experiment's "init" key), replicated over `mesh`."""
+    init = jax.jit(_create(exp), out_shardings=NamedSharding(mesh, P()))
+    return init(exp.key("init"))
+
+
+def restore_or_init(exp, manager, mesh: Mesh) -> TrainState:
+    """The latest checkpoint of `manager` if there is one, else a freshly initialised state."""
+    state = checkpointing.restore(manager, abstract_train_state(exp, mesh))
+    return state if state is not None else init_train_state(exp, mesh)
+
+
+def restore_latest(exp, workdir: str, mesh: Mesh) -> TrainState:
+    """The latest checkpoint in `workdir`; FileNotFoundError (saying to train first) if none."""
+    manager = checkpointing.make_manager(workdir, read_only=True)
+    try:
+        state = checkpointing.restore(manager, abstract_train_state(exp, mesh))
+    finally:
+        manager.close()
+    if state is None:
+        raise FileNotFoundError(f"No checkpoint in {checkpointing.checkpoint_dir(workdir)}: train "
+                                f"first with --mode train --workdir {workdir}.")
+    return state
+
+
+def count_params(params) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
