@@ -36,7 +36,8 @@ def make_manager(workdir: str, *, max_to_keep: int | None = 3, async_save: bool 
     else:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                                enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(manager: ocp.CheckpointManager, step: int, state) -> None:
@@ -55,30 +56,53 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     if step is None:
         return None
     path = os.path.join(str(manager.directory), str(step))
+    steps = sorted(manager.all_steps())
+    _check_fits(manager, step, abstract_state, path, steps)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(target))
-    except (ValueError, KeyError, TypeError, OSError) as e:  # what orbax / tensorstore raise
-        steps = sorted(manager.all_steps())
-        if _is_structure_mismatch(e):
-            what = ("does not fit this config's model / optimizer (it was written by a different "
-                    "model.* or optim.* setting)")
-            todo = "Use the config that wrote it, or a fresh --workdir."
-        else:
-            what = "is unreadable (corrupted, or its files are incomplete)"
-            todo = f"Move {path} out of the way to resume from the previous one."
+    except Exception as e:  # tensorstore raises plain Exceptions for unreadable files
         raise CheckpointError(
-            f"The checkpoint {path} {what}: {type(e).__name__}: {str(e)[:300]}. Checkpoints in "
-            f"this workdir: steps {steps}. {todo}") from e
+            f"The checkpoint {path} is unreadable (corrupted, or its files are incomplete): "
+            f"{type(e).__name__}: {str(e)[:300]}. Checkpoints in this workdir: steps {steps}. "
+            f"Move {path} out of the way to resume from the previous one.") from e
 
 
-def _is_structure_mismatch(error: Exception) -> bool:
-    """Whether orbax refused the checkpoint for its tree structure, shapes or dtypes (rather than
-    for missing or unreadable files)."""
-    text = str(error).lower()
-    return isinstance(error, ValueError | KeyError | TypeError) and any(
-        word in text for word in ("shape", "structure", "tree", "dtype", "mismatch",
-                                  "missing key", "unexpected key"))
+def _check_fits(manager, step: int, abstract_state, path: str, steps: list[int]) -> None:
+    """CheckpointError unless the checkpoint's arrays have the names, shapes and dtypes of
+    `abstract_state` (orbax would otherwise read a slice of a larger array without a word)."""
+
+    def flat(tree) -> dict:
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {"/".join(_key_name(k) for k in path): (tuple(v.shape), str(v.dtype))
+                for path, v in leaves}
+
+    try:
+        stored = flat(manager.item_metadata(step))
+    except Exception as e:
+        raise CheckpointError(
+            f"The checkpoint {path} is unreadable (its metadata: {type(e).__name__}: "
+            f"{str(e)[:300]}). Checkpoints in this workdir: steps {steps}. Move {path} out of "
+            f"the way to resume from the previous one.") from e
+    expected = flat(abstract_state)
+    differing = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
+    if differing:
+        k = differing[0]
+        raise CheckpointError(
+            f"The checkpoint {path} does not fit this config's model / optimizer "
+            f"({len(differing)} arrays differ; first {k}: {stored.get(k, 'absent')} in the "
+            f"checkpoint, {expected.get(k, 'absent')} for this config). It was written with "
+            f"other model.* or optim.* settings: use the config that wrote it (its workdir's "
+            f"config.json), or a fresh --workdir.")
+
+
+def _key_name(entry) -> str:
+    """One path entry as a string, whether a dict key, attribute or sequence index (orbax's
+    metadata and the state's dataclasses spell the same path with different entry types)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
 
 
 class PreemptionWatcher:
