@@ -81,8 +81,8 @@ def _check_fits(manager, step: int, abstract_state, path: str, steps: list[int])
         stored = flat(manager.item_metadata(step))
     except Exception as e:
         raise CheckpointError(
-            f"The checkpoint {path} is unreadable (its metadata: {type(e).__name__}: "
-            f"{str(e)[:300]}). Checkpoints in this workdir: steps {steps}. Move {path} out of "
+            f"The checkpoint {path} is unreadable (corrupted, or its files are incomplete): "
+            f"reading its metadata: {type(e).__name__}: {str(e)[:300]}. Checkpoints in this workdir: steps {steps}. Move {path} out of "
             f"the way to resume from the previous one.") from e
     expected = flat(abstract_state)
     differing = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))

@@ -49,3 +49,28 @@ def inception_weights():
             pytest.fail(f"{message} (CI is set: .ci/run converts them before the tests)")
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """`smoke_run(name) -> (config, workdir)`: experiments/<name>.py:smoke trained once per
+    session (in mock tfds data where it is not embedded), shared by the tests that sample and
+    evaluate it. Each call returns a fresh config. Tests may add samples and eval records to the
+    workdir; to train on or damage it, copy it first (`shutil.copytree`)."""
+    import importlib
+
+    from diffusion import train
+    from tests.helpers import data_context
+
+    workdirs = {}
+
+    def run(name: str):
+        config = importlib.import_module(f"experiments.{name}").get_config("smoke")
+        if name not in workdirs:
+            workdir = str(tmp_path_factory.mktemp(f"smoke_{name}"))
+            with data_context(config):
+                train.train_and_evaluate(config, workdir)
+            workdirs[name] = workdir
+        return config, workdirs[name]
+
+    return run

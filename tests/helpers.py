@@ -1,4 +1,6 @@
-"""Helpers shared by the network tests."""
+"""Helpers shared by the tests."""
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -16,3 +18,14 @@ def random_params(net, *args, seed=0, scale=0.3, **kwargs):
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype),
                         shapes)
+
+
+def data_context(config):
+    """tfds.testing.mock_data (16 examples) for a config whose dataset is not embedded."""
+    from diffusion import datasets
+
+    if config.data.dataset not in datasets.EMBEDDED_DATASETS:
+        import tensorflow_datasets as tfds
+
+        return tfds.testing.mock_data(num_examples=16)
+    return contextlib.nullcontext()

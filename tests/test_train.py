@@ -13,7 +13,7 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
-from diffusion import evaluate, losses, models, train, train_state
+from diffusion import checkpointing, evaluate, losses, models, train, train_state
 from diffusion import sde as sde_lib
 from diffusion.models import parameterization
 from experiments import toy_2d
@@ -247,3 +247,59 @@ def test_bits_per_dim_protocol_passes_over_the_whole_split(monkeypatch):
     bits = -np.sum(x**2, axis=(1, 2, 3)) / np.prod(exp.dataset.data_shape)
     expected = -bits / np.log(2) + np.log2(exp.dataset.num_levels / 2.0)
     assert record["bpd"] == pytest.approx(float(np.mean(expected)), rel=1e-5)
+
+
+def test_restoring_a_checkpoint_of_another_config_names_the_first_differing_array(smoke_run):
+    """orbax alone would read a slice of the larger stored array into the smaller one."""
+    config, workdir = smoke_run("toy_2d")
+    config.model.hidden = 16
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=r"does not fit this config's model / optimizer \(\d+ arrays differ; "
+                             r"first ema_params/Dense_0/bias: \(\(32,\), 'float32'\) in the "
+                             r"checkpoint, \(\(16,\), 'float32'\) for this config\)"):
+        train_state.restore_latest(train.build(config), workdir, train.data_mesh())
+    config, _ = smoke_run("toy_2d")
+    config.optim.grad_clip = -1.0        # no clipping: another optimizer state
+    with pytest.raises(checkpointing.CheckpointError, match=r"first opt_state/0/count: absent in "
+                                                            r"the checkpoint"):
+        train_state.restore_latest(train.build(config), workdir, train.data_mesh())
+
+
+def test_a_corrupted_checkpoint_is_reported_as_unreadable(smoke_run, tmp_path):
+    import shutil
+
+    config, workdir = smoke_run("toy_2d")
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    step = str(config.training.n_iters)
+    data_files = [os.path.join(root, f)
+                  for root, _, names in os.walk(os.path.join(copy, "checkpoints", step))
+                  for f in names if os.sep + "d" + os.sep in os.path.join(root, f)]
+    assert data_files
+    for path in data_files:
+        with open(path, "wb") as f:
+            f.write(b"not a checkpoint")
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=rf"checkpoints/{step} is unreadable \(corrupted, or its files are "
+                             rf"incomplete\).*Checkpoints in this workdir: steps \[2, {step}\]"):
+        train_state.restore_latest(train.build(config), copy, train.data_mesh())
+    # The untouched original still restores.
+    assert int(train_state.restore_latest(train.build(config), workdir,
+                                          train.data_mesh()).step) == int(step)
+
+
+def test_resuming_with_an_n_jitted_steps_that_cannot_reach_n_iters_is_refused(smoke_run,
+                                                                            tmp_path):
+    import shutil
+
+    config, workdir = smoke_run("toy_2d")
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    start = config.training.n_iters                       # the checkpoint's step (4)
+    config.training.n_jitted_steps = 3
+    config.training.n_iters = 9                           # 9 - 4 = 5 steps: not in calls of 3
+    config.training.log_freq = config.training.snapshot_freq = config.training.eval_freq = 3
+    with pytest.raises(ValueError, match=rf"checkpoint at step {start} cannot reach "
+                                         rf"training.n_iters=9 in calls of "
+                                         rf"training.n_jitted_steps=3 steps"):
+        train.train_and_evaluate(config, copy)
