@@ -82,8 +82,9 @@ def _check_fits(manager, step: int, abstract_state, path: str, steps: list[int])
     except Exception as e:
         raise CheckpointError(
             f"The checkpoint {path} is unreadable (corrupted, or its files are incomplete): "
-            f"reading its metadata: {type(e).__name__}: {str(e)[:300]}. Checkpoints in this workdir: steps {steps}. Move {path} out of "
-            f"the way to resume from the previous one.") from e
+            f"reading its metadata: {type(e).__name__}: {str(e)[:300]}. Checkpoints in this "
+            f"workdir: steps {steps}. Move {path} out of the way to resume from the previous "
+            f"one.") from e
     expected = flat(abstract_state)
     differing = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
     if differing:

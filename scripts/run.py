@@ -66,11 +66,11 @@ def main(argv):
         sys.exit(f"Error ({type(e).__name__}): {e}\n(DIFFUSION_TRACEBACK=1 shows the traceback)")
 
 
-def _parse_flags(argv: list[str]) -> None:
-    """Parses the flags once before absl does, so that an override of a key the config does not
-    have is one line of explanation, not a traceback from inside ml_collections."""
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, except that an override of a key the config does not have is one
+    line of explanation, not a traceback from inside ml_collections."""
     try:
-        flags.FLAGS(argv)
+        return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as e:
         bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
         sys.exit(f"Error: a --config.* override names a key the config does not have ({e}; "
@@ -79,5 +79,4 @@ def _parse_flags(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    _parse_flags(sys.argv)
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -1,6 +1,5 @@
 """Every experiment's smoke variant runs train -> checkpoint -> sample -> eval end to end."""
 
-import contextlib
 import importlib
 import json
 import os
@@ -10,38 +9,34 @@ import sys
 import numpy as np
 import pytest
 
-from diffusion import datasets, train
+from diffusion import train
+from tests.helpers import data_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = ["digits", "toy_2d", "ddpm_cifar", "vp_cifar", "ve_cifar",
-               # The same network and loops as vp_cifar with another SDE (tested on its own):
-               pytest.param("subvp_cifar", marks=pytest.mark.slow)]
+# One experiment per network and data kind in the default suite: the U-Net on embedded images
+# (with FID), the MLP on 2-D points, DDPM++ on tfds images. The others repeat those loops with
+# another SDE / loss / network preset (their pieces are tested on their own) and run with -m slow.
+EXPERIMENTS = ["digits", "toy_2d", "vp_cifar",
+               *(pytest.param(name, marks=pytest.mark.slow)
+                 for name in ("ddpm_cifar", "ve_cifar", "subvp_cifar"))]
 # Higher resolutions: their smoke variants are only trained (and checkpointed), to save time.
 TRAIN_ONLY = ["vp_celeba64", "ve_celebahq256"]
 
 
-def _data_context(config):
-    if config.data.dataset not in datasets.EMBEDDED_DATASETS:
-        import tensorflow_datasets as tfds
-
-        return tfds.testing.mock_data(num_examples=16)
-    return contextlib.nullcontext()
-
-
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_smoke_variant_trains_samples_and_evaluates(name, tmp_path, request):
-    config = importlib.import_module(f"experiments.{name}").get_config("smoke")
-    workdir = str(tmp_path)
-    fid = config.data.image_size > 0
+def test_smoke_variant_trains_samples_and_evaluates(name, smoke_run, request):
+    config, workdir = smoke_run(name)          # trained once per session, shared
+    # FID / KID for the digits only: the Inception network compiles per input shape, and the
+    # code path is the same for every image dataset.
+    fid = name == "digits"
+    config.eval.enable_fid = fid
     if fid:
-        try:   # FID / KID where the metrics extra is installed (CI installs it)
+        try:   # FID / KID where the converted Inception weights are (CI converts them)
             config.eval.inception_weights = request.getfixturevalue("inception_weights")
         except pytest.skip.Exception:
             config.eval.enable_fid = fid = False
-    with _data_context(config):
-        state = train.train_and_evaluate(config, workdir)
-        assert int(state.step) == config.training.n_iters
-        assert os.path.isdir(os.path.join(workdir, "checkpoints", str(config.training.n_iters)))
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(config.training.n_iters)))
+    with data_context(config):
         path = train.sample(config, workdir)
         record = train.evaluate(config, workdir)
 
@@ -77,7 +72,7 @@ def test_smoke_variant_trains_samples_and_evaluates(name, tmp_path, request):
 def test_high_resolution_smoke_variant_trains(name, tmp_path):
     config = importlib.import_module(f"experiments.{name}").get_config("smoke")
     config.training.snapshot_sampling = False
-    with _data_context(config):
+    with data_context(config):
         state = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == config.training.n_iters
     assert (tmp_path / "checkpoints" / str(config.training.n_iters)).is_dir()
@@ -88,7 +83,7 @@ def test_cifar_config_trains_on_a_built_tfds_dataset_with_worker_processes(tmp_p
     batches prepared by spawned worker processes (mock data does not reach those)."""
     from diffusion import synthetic_tfds
 
-    config = importlib.import_module("experiments.ddpm_cifar").get_config("smoke")
+    config = importlib.import_module("experiments.vp_cifar").get_config("smoke")
     config.data.data_dir = str(tmp_path / "tfds")
     config.data.dataset = synthetic_tfds.build(config.data.data_dir, num_train=64, num_test=8)
     config.data.num_workers = 2
@@ -105,10 +100,8 @@ SAMPLER_CASES = [("ddim", 5, 6), ("dpm_solver", 20, 21), ("edm", 0, 35), ("ode",
                  ("pc", 7, 7)]   # pc: the final denoising is its last predictor step
 
 
-def test_every_sampler_from_the_config(tmp_path):
-    config = importlib.import_module("experiments.toy_2d").get_config("smoke")
-    workdir = str(tmp_path)
-    train.train_and_evaluate(config, workdir)
+def test_every_sampler_from_the_config(smoke_run):
+    config, workdir = smoke_run("toy_2d")
     for method, steps, expected_nfe in SAMPLER_CASES:
         config.sampling.method, config.sampling.steps = method, steps
         path = train.sample(config, workdir)

@@ -63,21 +63,20 @@ def test_converted_weights_load_and_refuse_a_missing_file(inception_weights, tmp
         inception.load_params(str(tmp_path / "absent.npz"))
 
 
-def test_missing_weights_stop_evaluation_before_any_work(tmp_path, monkeypatch):
+def test_missing_weights_stop_evaluation_before_any_work(tmp_path, monkeypatch, smoke_run):
     """Without converted weights, `--mode eval` of an image model fails at once, naming the
     command that converts them; it downloads nothing and writes nothing."""
+    import shutil
+
     from diffusion import train
-    from experiments import digits
 
     def no_download(*args, **kwargs):
         raise AssertionError("evaluation must never download the Inception weights")
 
     monkeypatch.setattr(inception, "fetch_wheel", no_download)
-    config = digits.get_config("smoke")
-    config.training.n_iters = config.training.snapshot_freq = 2
-    config.training.snapshot_sampling = False
+    config, trained = smoke_run("digits")
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir)
+    shutil.copytree(os.path.join(trained, "checkpoints"), os.path.join(workdir, "checkpoints"))
     config.eval.inception_weights = str(tmp_path / "absent" / "w.npz")
     with pytest.raises(FileNotFoundError, match=r"python scripts/convert_inception\.py") as e:
         train.evaluate(config, workdir)
