@@ -161,6 +161,19 @@ def test_backward_finite_and_dropout_only_in_train_mode():
     assert not np.allclose(out_a, eval_out)
 
 
+def test_resampling_layers_keep_score_sde_parameter_names():
+    """FIRUpsample / FIRDownsample are named Upsample_<i> / Downsample_<i> in call order, the
+    parameterless ones (FIR without conv) counted too, as in score_sde's checkpoints, which
+    compat/score_sde.py maps onto these names one to one."""
+    net = _tiny(*VARIANTS[0], ch_mult=(1, 2, 2))   # ddpm blocks: conv + plain FIR, interleaved
+    x, t = _inputs((1, 16, 16, 3))
+    params = jax.eval_shape(net.init, jax.random.key(0), x, t)["params"]
+    resampling = {name: params[name]["FIRConv_0"]["kernel"].shape for name in params
+                  if "sample" in name}
+    assert resampling == {"Downsample_0": (3, 3, 16, 16), "Downsample_2": (3, 3, 32, 32),
+                          "Upsample_0": (3, 3, 32, 32), "Upsample_2": (3, 3, 32, 32)}
+
+
 # ----------------------------------------------------------------------------- FIR
 
 
@@ -176,7 +189,7 @@ def test_fir_resampling_keeps_constants():
     # Zero padding is felt only at the border.
     np.testing.assert_allclose(up[:, 2:-2, 2:-2], 3.0, rtol=1e-6)
     np.testing.assert_allclose(down[:, 1:-1, 1:-1], 3.0, rtol=1e-6)
-    for layer in (ncsnpp.Upsample(fir=True), ncsnpp.Downsample(fir=True)):
+    for layer in (ncsnpp.FIRUpsample(fir=True), ncsnpp.FIRDownsample(fir=True)):
         assert jax.tree.leaves(layer.init(jax.random.key(0), x)) == []
 
 
