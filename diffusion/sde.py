@@ -178,8 +178,58 @@ class _UnitGaussianPrior:
         return -0.5 * d * math.log(2 * math.pi) - 0.5 * _sum_except_batch(z**2)
 
 
+class _LinearBeta:
+    """The linear schedule of the VP and sub-VP SDEs, from the dataclass fields beta_min and
+    beta_max: beta(t) = beta_min + t (beta_max - beta_min) and its log alpha(t)."""
+
+    beta_min: float
+    beta_max: float
+
+    def beta(self, t: Array) -> Array:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_alpha(self, t: Array) -> Array:
+        """log alpha(t) = -1/2 int_0^t beta(s) ds."""
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+
+class _VariancePreserving(_UnitGaussianPrior):
+    """dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, so alpha(t) = exp(-1/2 int_0^t beta) and
+    sigma(t)^2 = 1 - alpha(t)^2, from the subclass's `beta(t)` and `log_alpha(t)`; prior N(0, I)."""
+
+    def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+        beta = self.beta(t)
+        return -0.5 * batch_broadcast(beta, x) * x, jnp.sqrt(beta)
+
+    def marginal_coeffs(self, t: Array) -> tuple[Array, Array]:
+        log_alpha = self.log_alpha(t)
+        return jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
+
+
+class _DDPMChain:
+    """The discrete chain x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z (DDPM, Ho et al. 2020)
+    of the subclass's `discrete_betas` (N,), which the VP SDE and the cosine VP SDE define."""
+
+    discrete_betas: np.ndarray
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        """bar-alpha_i = prod_{j<=i} (1 - beta_j) of the discrete chain, (N,)."""
+        return np.cumprod(1.0 - self.discrete_betas)
+
+    def discrete_coeffs(self, i: Array) -> tuple[Array, Array]:
+        """sqrt(bar-alpha_i), sqrt(1 - bar-alpha_i) of level i in {0, ..., N-1}; like i."""
+        return _chain_coeffs(self.alphas_cumprod, i)
+
+    def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
+        """DDPM step: x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z."""
+        beta = jnp.asarray(self.discrete_betas, x.dtype)[_discrete_index(t, self.T, self.N)]
+        f = (jnp.sqrt(1.0 - batch_broadcast(beta, x)) - 1.0) * x
+        return f, jnp.sqrt(beta)
+
+
 @dataclasses.dataclass(frozen=True)
-class VPSDE(_UnitGaussianPrior, SDE):
+class VPSDE(_LinearBeta, _VariancePreserving, _DDPMChain, SDE):
     """Variance-preserving SDE with a linear beta schedule (Song et al. eq. 11; DDPM limit).
 
     dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw,  beta(t) = beta_min + t (beta_max - beta_min).
@@ -192,21 +242,6 @@ class VPSDE(_UnitGaussianPrior, SDE):
     beta_max: float = 20.0
     N: int = 1000
 
-    def beta(self, t: Array) -> Array:
-        return self.beta_min + t * (self.beta_max - self.beta_min)
-
-    def log_alpha(self, t: Array) -> Array:
-        """log alpha(t) = -1/2 int_0^t beta(s) ds."""
-        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-
-    def sde(self, x, t):
-        beta = self.beta(t)
-        return -0.5 * batch_broadcast(beta, x) * x, jnp.sqrt(beta)
-
-    def marginal_coeffs(self, t):
-        log_alpha = self.log_alpha(t)
-        return jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
-
     @property
     def discrete_betas(self) -> np.ndarray:
         """DDPM's linear betas beta_min / N .. beta_max / N, (N,); each must be below 1."""
@@ -218,24 +253,9 @@ class VPSDE(_UnitGaussianPrior, SDE):
                 f"reverse-diffusion samplers.")
         return np.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
 
-    @property
-    def alphas_cumprod(self) -> np.ndarray:
-        """bar-alpha_i = prod_{j<=i} (1 - beta_j) of the discrete chain, (N,)."""
-        return np.cumprod(1.0 - self.discrete_betas)
-
-    def discrete_coeffs(self, i: Array) -> tuple[Array, Array]:
-        """sqrt(bar-alpha_i), sqrt(1 - bar-alpha_i) of DDPM level i in {0, ..., N-1}; like i."""
-        return _chain_coeffs(self.alphas_cumprod, i)
-
-    def discretize(self, x, t):
-        """DDPM step: x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z."""
-        beta = jnp.asarray(self.discrete_betas, x.dtype)[_discrete_index(t, self.T, self.N)]
-        f = (jnp.sqrt(1.0 - batch_broadcast(beta, x)) - 1.0) * x
-        return f, jnp.sqrt(beta)
-
 
 @dataclasses.dataclass(frozen=True)
-class CosineVPSDE(_UnitGaussianPrior, SDE):
+class CosineVPSDE(_VariancePreserving, _DDPMChain, SDE):
     """Variance-preserving SDE with the cosine schedule of Nichol & Dhariwal (2021), eq. (17).
 
     bar-alpha(t) = h(t) / h(0), h(t) = cos(pi/2 (t + s) / (1 + s))^2, so alpha(t) = sqrt(bar-alpha)
@@ -267,18 +287,14 @@ class CosineVPSDE(_UnitGaussianPrior, SDE):
         inside = self._log_h(jnp.minimum(t, t_clip)) - log_h0
         return inside - self.beta_clip * jnp.maximum(t - t_clip, 0.0)
 
+    def log_alpha(self, t: Array) -> Array:
+        """log alpha(t) = 1/2 log bar-alpha(t)."""
+        return 0.5 * self.log_alpha_bar(t)
+
     def beta(self, t: Array) -> Array:
         a = 1.0 + self.s
         raw = math.pi / a * jnp.tan(0.5 * math.pi * (jnp.minimum(t, self.t_clip) + self.s) / a)
         return jnp.minimum(raw, self.beta_clip)
-
-    def sde(self, x, t):
-        beta = self.beta(t)
-        return -0.5 * batch_broadcast(beta, x) * x, jnp.sqrt(beta)
-
-    def marginal_coeffs(self, t):
-        log_alpha_bar = self.log_alpha_bar(t)
-        return jnp.exp(0.5 * log_alpha_bar), jnp.sqrt(-jnp.expm1(log_alpha_bar))
 
     @property
     def discrete_betas(self) -> np.ndarray:
@@ -287,22 +303,9 @@ class CosineVPSDE(_UnitGaussianPrior, SDE):
         alpha_bar = h / h[0]
         return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
 
-    @property
-    def alphas_cumprod(self) -> np.ndarray:
-        return np.cumprod(1.0 - self.discrete_betas)
-
-    def discrete_coeffs(self, i: Array) -> tuple[Array, Array]:
-        """sqrt(bar-alpha_i), sqrt(1 - bar-alpha_i) of level i of the discrete chain; like i."""
-        return _chain_coeffs(self.alphas_cumprod, i)
-
-    def discretize(self, x, t):
-        beta = jnp.asarray(self.discrete_betas, x.dtype)[_discrete_index(t, self.T, self.N)]
-        f = (jnp.sqrt(1.0 - batch_broadcast(beta, x)) - 1.0) * x
-        return f, jnp.sqrt(beta)
-
 
 @dataclasses.dataclass(frozen=True)
-class SubVPSDE(_UnitGaussianPrior, SDE):
+class SubVPSDE(_LinearBeta, _UnitGaussianPrior, SDE):
     """The sub-VP SDE (Song et al. eq. 29), whose variance is bounded by the VP SDE's.
 
     dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta(s) ds))) dw,
@@ -313,12 +316,6 @@ class SubVPSDE(_UnitGaussianPrior, SDE):
     beta_min: float = 0.1
     beta_max: float = 20.0
     N: int = 1000
-
-    def beta(self, t: Array) -> Array:
-        return self.beta_min + t * (self.beta_max - self.beta_min)
-
-    def log_alpha(self, t: Array) -> Array:
-        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     def sde(self, x, t):
         beta = self.beta(t)

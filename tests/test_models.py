@@ -305,5 +305,26 @@ def test_get_model_unknown_name():
         models.get_model(_config(name="resnet"))
 
 
-def test_modules_are_linen():
-    assert issubclass(models.MLP, nn.Module) and issubclass(models.UNet, nn.Module)
+# A tiny config.model of every registered network (lists, as a config holds them) and its input.
+TINY_MODELS = {
+    "mlp": (dict(hidden=16, n_layers=2), (2, 3)),
+    "unet": (dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0),
+             (2, 8, 8, 1)),
+    "ncsnpp": (dict(nf=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0,
+                    fir=True, progressive_input="residual", embedding_type="fourier"),
+               (2, 8, 8, 3)),
+    "ddpmpp": (dict(nf=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0),
+               (2, 8, 8, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_every_registered_model_builds_from_a_config_and_keeps_the_shape(name):
+    """Each entry of models.MODELS is a linen Module that get_model builds from a config and
+    whose output is shaped like its input (a new entry needs a TINY_MODELS line)."""
+    fields, shape = TINY_MODELS[name]
+    net = models.get_model(_config(name=name, **fields))
+    assert type(net) is models.MODELS[name] and isinstance(net, nn.Module)
+    x, t = _inputs(shape)
+    out = jax.eval_shape(lambda: net.apply(net.init(jax.random.key(0), x, t), x, t))
+    assert out.shape == x.shape and out.dtype == x.dtype

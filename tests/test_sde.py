@@ -527,7 +527,26 @@ def test_sdes_are_frozen_hashable_and_jit_static():
     for sde in [*VARIANTS, b]:  # each static SDE gets its own trace, not a cached other one
         np.testing.assert_allclose(std_at(sde, t), sde.marginal_coeffs(t)[1], rtol=1e-6)
     assert float(std_at(a, t)[0]) != float(std_at(b, t)[0])
-    rsde = a.reverse(gaussian_score(a))
-    assert hash(rsde) == hash(rsde)
-    drift = jax.jit(lambda r, x, t: r.sde(x, t)[0], static_argnums=0)(rsde, jnp.ones((1, 2)), t)
-    np.testing.assert_allclose(drift, rsde.sde(jnp.ones((1, 2)), t)[0], rtol=1e-6)
+
+    # Reverse SDEs: two built separately from equal SDEs and the same score function are equal,
+    # hash equal and share one trace as a static argument; another SDE, score or the
+    # probability-flow flag makes another (unequal) reverse process, traced anew.
+    score = gaussian_score(a)
+    rsde, same = a.reverse(score), sde_lib.VPSDE().reverse(score)
+    assert rsde is not same and rsde == same and hash(rsde) == hash(same)
+    others = [b.reverse(score), a.reverse(gaussian_score(a)), a.reverse(score, True)]
+    assert all(rsde != other for other in others)
+    traced = []
+
+    def drift_fn(r, x, t):
+        traced.append(r)
+        return r.sde(x, t)[0]
+
+    drift = jax.jit(drift_fn, static_argnums=0)
+    x = jnp.ones((1, 2))
+    np.testing.assert_allclose(drift(rsde, x, t), rsde.sde(x, t)[0], rtol=1e-6)
+    np.testing.assert_allclose(drift(same, x, t), rsde.sde(x, t)[0], rtol=1e-6)
+    assert len(traced) == 1
+    for other in others:
+        np.testing.assert_allclose(drift(other, x, t), other.sde(x, t)[0], rtol=1e-6)
+    assert len(traced) == 1 + len(others)

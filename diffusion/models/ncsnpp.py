@@ -33,6 +33,7 @@ Shapes: x (B, H, W, C) NHWC, t (B,), optional labels y (B,) int; output (B, H, W
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import flax.linen as nn
@@ -198,8 +199,14 @@ def _conv1x1(features: int, init_scale: float = 1.0, name: str | None = None) ->
 # ----------------------------------------------------------------------------- layers
 
 
-class Upsample(nn.Module):
-    """x2 upsampling: FIR or nearest, with (or without) a 3x3 conv to `out_ch` channels."""
+class FIRUpsample(nn.Module):
+    """x2 upsampling of NCSN++: FIR (`fir`, with a fused 3x3 conv if `with_conv`) or nearest
+    (then a 3x3 conv if `with_conv`), to `out_ch` channels.
+
+    Unlike `layers.Upsample` (DDPM's U-Net: nearest, channels kept) it can filter with the FIR
+    kernel and change the channel count. NCSNpp names its instances `Upsample_<i>`, the names of
+    score_sde's layerspp.Upsample, so checkpoints map onto them (`compat/score_sde.py`).
+    """
 
     out_ch: int | None = None
     with_conv: bool = False
@@ -218,8 +225,14 @@ class Upsample(nn.Module):
         return conv3x3(out_ch)(h) if self.with_conv else h
 
 
-class Downsample(nn.Module):
-    """/2 downsampling: FIR (+ fused 3x3 conv) or stride-2 3x3 conv / 2x2 average pooling."""
+class FIRDownsample(nn.Module):
+    """/2 downsampling of NCSN++: FIR (`fir`, then a fused 3x3 conv if `with_conv`) or a
+    stride-2 3x3 conv (`with_conv`) / 2x2 average pooling, to `out_ch` channels.
+
+    Unlike `layers.Downsample` (DDPM's U-Net: channels kept) it can filter with the FIR kernel and
+    change the channel count. NCSNpp names its instances `Downsample_<i>`, the names of score_sde's
+    layerspp.Downsample, so checkpoints map onto them (`compat/score_sde.py`).
+    """
 
     out_ch: int | None = None
     with_conv: bool = False
@@ -310,7 +323,7 @@ class NCSNpp(nn.Module):
     features, 2 nf dims as score_sde), then Dense -> SiLU -> Dense to 4 nf (if `conditional`),
     plus a label embedding when `num_classes` is set. conv3x3 to nf; per level i,
     num_res_blocks residual blocks with nf * ch_mult[i] channels, each followed by attention at
-    attn_resolutions, then (except at the last level) a downsampling (Downsample layer for
+    attn_resolutions, then (except at the last level) a downsampling (FIRDownsample layer for
     "ddpm" blocks, a down BigGAN block for "biggan"), joined by the input pyramid if any. Middle
     block-attention-block. Up path: per level num_res_blocks + 1 blocks on the concatenation
     with the matching down activation, attention once at attn_resolutions, the output pyramid,
@@ -390,6 +403,18 @@ class NCSNpp(nn.Module):
         def rescaled_sum(a, b):
             return (a + b) / math.sqrt(2.0) if self.skip_rescale else a + b
 
+        # Named "Upsample_<i>" / "Downsample_<i>" in call order (what flax would call classes of
+        # those names), as in score_sde's checkpoints; parameterless instances take a number too.
+        up_index, down_index = itertools.count(), itertools.count()
+
+        def upsample(h, out_ch=None, with_conv=False):
+            return FIRUpsample(out_ch, with_conv=with_conv, **fir,
+                               name=f"Upsample_{next(up_index)}")(h)
+
+        def downsample(h, out_ch=None, with_conv=False):
+            return FIRDownsample(out_ch, with_conv=with_conv, **fir,
+                                 name=f"Downsample_{next(down_index)}")(h)
+
         # Down path; every activation in `hs` feeds one up-path block.
         input_pyramid = x if self.progressive_input != "none" else None
         hs = [conv3x3(nf)(x)]
@@ -401,14 +426,14 @@ class NCSNpp(nn.Module):
                 hs.append(h)
             if level != num_levels - 1:
                 if self.resblock_type == "ddpm":
-                    h = Downsample(with_conv=self.resamp_with_conv, **fir)(hs[-1])
+                    h = downsample(hs[-1], with_conv=self.resamp_with_conv)
                 else:
                     h = resnet(hs[-1], down=True)
                 if self.progressive_input == "input_skip":
-                    input_pyramid = Downsample(with_conv=False, **fir)(input_pyramid)
+                    input_pyramid = downsample(input_pyramid)
                     h = Combine(self.progressive_combine)(input_pyramid, h)
                 elif self.progressive_input == "residual":
-                    input_pyramid = Downsample(h.shape[-1], with_conv=True, **fir)(input_pyramid)
+                    input_pyramid = downsample(input_pyramid, h.shape[-1], with_conv=True)
                     h = input_pyramid = rescaled_sum(input_pyramid, h)
                 hs.append(h)
 
@@ -430,17 +455,17 @@ class NCSNpp(nn.Module):
                 if pyramid is None:
                     pyramid = out
                 else:
-                    pyramid = Upsample(with_conv=False, **fir)(pyramid) + out
+                    pyramid = upsample(pyramid) + out
             elif self.progressive == "residual":
                 if pyramid is None:
                     pyramid = conv3x3(h.shape[-1])(nn.silu(group_norm(h)))
                 else:
-                    pyramid = Upsample(h.shape[-1], with_conv=True, **fir)(pyramid)
+                    pyramid = upsample(pyramid, h.shape[-1], with_conv=True)
                     h = pyramid = rescaled_sum(pyramid, h)
 
             if level != 0:
                 if self.resblock_type == "ddpm":
-                    h = Upsample(with_conv=self.resamp_with_conv, **fir)(h)
+                    h = upsample(h, with_conv=self.resamp_with_conv)
                 else:
                     h = resnet(h, up=True)
         assert not hs
