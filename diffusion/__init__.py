@@ -7,10 +7,12 @@ The public modules, imported explicitly (no import side effects, no registries):
     from diffusion import losses               # make_dsm_loss, make_ddpm_loss, make_smld_loss
     from diffusion import sampling             # pc_sample
     from diffusion import datasets, metrics
+    from diffusion import experiment           # build(config) -> Experiment (the config reader)
     from diffusion import train                # train_and_evaluate, evaluate, sample
 
-`diffusion.train` (the loops, with orbax and TensorBoard) is not imported here, so that using
-the SDEs, networks and samplers does not pull in the training stack.
+`diffusion.experiment`, `train`, `evaluate` and `generate` (the loops, with orbax and
+TensorBoard) are not imported here, so that using the SDEs, networks and samplers does not pull
+in the training stack.
 """
 
 from diffusion import datasets as datasets

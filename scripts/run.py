@@ -72,10 +72,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as e:
+        detail = e
+        while isinstance(detail, BaseException) and detail.args:   # KeyError inside AttributeError
+            detail = detail.args[0]
+        detail = " ".join(str(detail).split())
         bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        sys.exit(f"Error: a --config.* override names a key the config does not have ({e}; "
-                 f"overrides given: {', '.join(bad)}). Overrides can change keys, not add them: "
-                 f"check the spelling against diffusion/defaults.py and the network's fields.")
+        sys.exit(f"Error: a --config.* override names a key the config does not have "
+                 f"({detail}; overrides given: {', '.join(bad)}). Overrides can change keys, not "
+                 f"add them: check the spelling against diffusion/defaults.py and the network's "
+                 f"fields.")
 
 
 if __name__ == "__main__":

@@ -74,3 +74,11 @@ def smoke_run(tmp_path_factory):
         return config, workdirs[name]
 
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadgroup`), the tests that use `smoke_run` share one worker,
+    so each smoke experiment is trained once per session, not once per worker."""
+    for item in items:
+        if "smoke_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("smoke_runs"))

@@ -10,20 +10,21 @@ from diffusion import metrics
 @pytest.mark.parametrize("d", [2, 8])
 def test_sliced_wasserstein_of_shifted_gaussians(d):
     key = jax.random.key(0)
-    x = jax.random.normal(jax.random.fold_in(key, 1), (10_000, d))
+    x = jax.random.normal(jax.random.fold_in(key, 1), (4000, d))
     shift = np.zeros((1, d), np.float32)
     shift[0, 0] = 1.5
-    y = jax.random.normal(jax.random.fold_in(key, 2), (10_000, d)) + shift
-    sw = float(metrics.sliced_wasserstein(key, x, y, num_projections=1000))
-    assert abs(sw - 1.5 / np.sqrt(d)) < 0.03, sw
+    y = jax.random.normal(jax.random.fold_in(key, 2), (4000, d)) + shift
+    sw = float(metrics.sliced_wasserstein(key, x, y, num_projections=500))
+    # Errors of this size (4,000 points, 500 directions) measured up to 0.032 over 10 seeds.
+    assert abs(sw - 1.5 / np.sqrt(d)) < 0.05, sw
     same = float(metrics.sliced_wasserstein(key, x, x[::-1]))
     assert same < 1e-6
 
 
 def test_sliced_wasserstein_with_unequal_sizes_is_small_for_one_distribution():
     key = jax.random.key(3)
-    x = jax.random.normal(jax.random.fold_in(key, 1), (20_000, 2))
-    y = jax.random.normal(jax.random.fold_in(key, 2), (5_000, 2))
+    x = jax.random.normal(jax.random.fold_in(key, 1), (8_000, 2))
+    y = jax.random.normal(jax.random.fold_in(key, 2), (2_000, 2))
     assert float(metrics.sliced_wasserstein(key, x, y)) < 0.05
     assert float(metrics.sliced_wasserstein(key, x, 2 * y)) > 0.3
 

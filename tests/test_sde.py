@@ -503,7 +503,7 @@ EXPECTED = {
 @pytest.mark.parametrize("name", NAMES)
 def test_get_sde_builds_each_class_from_config_keys(name):
     config = ml_collections.ConfigDict({"name": name, **CONFIG_SDE})
-    built = sde_lib.get_sde(**config)  # as train.py does; keys a class does not take are ignored
+    built = sde_lib.get_sde(**config)  # as get_score_model does; other SDEs' keys are ignored
     assert type(built) is type(EXPECTED[name]) and built == EXPECTED[name]
     assert sde_lib.get_sde(name, **CONFIG_SDE) == EXPECTED[name]
     assert sde_lib.get_sde(name) == DEFAULTS[name]

@@ -199,8 +199,9 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     result = _cli(f"--config={os.path.join(ROOT, 'experiments', 'toy_2d.py')}:smoke",
                   f"--workdir={tmp_path}", "--config.model.hiden=64")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert ("a --config.* override names a key the config does not have (\"'hiden'\"; "
-            "overrides given: --config.model.hiden)") in result.stderr
+    assert ("a --config.* override names a key the config does not have ('hiden' Did you mean "
+            "\"hidden\" instead of \"hiden\"?; overrides given: --config.model.hiden)"
+            ) in result.stderr
 
 
 @pytest.mark.parametrize("warmup", [False, True])
