@@ -271,6 +271,8 @@ def test_restoring_a_checkpoint_of_another_config_names_the_first_differing_arra
         train_state.restore_latest(train.build(config), workdir, train.data_mesh())
 
 
+# orbax's reader leaves an asyncio callback behind when tensorstore fails (harmless).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_corrupted_checkpoint_is_reported_as_unreadable(smoke_run, tmp_path):
     import shutil
 
