@@ -26,7 +26,7 @@ from diffusion import datasets, likelihood, metrics
 from diffusion.experiment import EvalSettings, Experiment, build
 from diffusion.generate import draw_samples, sample_batches
 from diffusion.models import parameterization
-from diffusion.parallel import DATA_AXIS, batch_sharding, data_mesh, map_over_batch
+from diffusion.parallel import DATA_AXIS, data_mesh, map_over_batch, replicated_batch, to_host
 from diffusion.progress import progress
 from diffusion.train_state import restore_latest
 
@@ -45,7 +45,7 @@ def eval_loss(exp: Experiment, params, num_batches: int, key: jax.Array) -> floa
                                   uniform_dequantization=exp.data.uniform_dequantization)
         if not exp.conditional:
             batch = {"x": batch["x"]}
-        total += float(loss_fn(params, batch, jax.random.fold_in(key, i)))
+        total += float(to_host(loss_fn(params, batch, jax.random.fold_in(key, i))))
     return total / num_batches
 
 
@@ -142,9 +142,9 @@ def eval_likelihood(exp: Experiment, params, mesh: Mesh) -> dict:
         x = datasets.examples_at(exp.dataset, "eval", padded, seed=exp.seed,
                                  centered=exp.data.centered, uniform_dequantization=True)["x"]
         logp, batch_nfe = log_likelihood_fn(params, jax.random.fold_in(key, i),
-                                            jax.device_put(x, batch_sharding(mesh)))
-        logps.append(np.asarray(jax.device_get(logp))[:len(batch_positions)])
-        nfe = max(nfe, int(np.max(batch_nfe)))
+                                            replicated_batch(x, mesh))
+        logps.append(to_host(logp)[:len(batch_positions)])
+        nfe = max(nfe, int(np.max(to_host(batch_nfe))))
     logp = np.concatenate(logps).astype(np.float64)
     if not np.all(np.isfinite(logp)):
         raise FloatingPointError("The likelihood ODE solve produced non-finite values (solver "

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from diffusion import datasets, files, plotting
 from diffusion.experiment import Experiment, SamplingSettings, build
 from diffusion.models import parameterization
-from diffusion.parallel import DATA_AXIS, batch_sharding, data_mesh, map_over_batch
+from diffusion.parallel import DATA_AXIS, data_mesh, map_over_batch, replicated_batch, to_host
 from diffusion.sampling import get_sampler
 from diffusion.train_state import restore_latest
 
@@ -58,6 +58,8 @@ def sample_batches(exp: Experiment, params, mesh: Mesh, num: int, key: jax.Array
     `num` samples in all (the last batch cut to size); batch i uses fold_in(key, i).
 
     A class-conditional model samples labels uniformly at random (fold_in(key_i, 1)).
+    With several processes every process must call this alike (the sampler is one program over
+    all devices); each gets all samples.
     """
     s = exp.sampling
     bs = s.batch_size
@@ -67,10 +69,10 @@ def sample_batches(exp: Experiment, params, mesh: Mesh, num: int, key: jax.Array
     sampler = exp.compiled[cache_key]
     for i in range(math.ceil(num / bs)):
         k = jax.random.fold_in(key, i)
-        y = (jax.random.randint(jax.random.fold_in(k, 1), (bs,), 0, exp.num_classes)
-             if exp.conditional else jnp.zeros((bs,), jnp.int32))
-        x, nfe = sampler(params, k, jax.device_put(y, batch_sharding(mesh)))
-        yield np.asarray(jax.device_get(x))[:num - i * bs], int(np.max(nfe))
+        y = (np.asarray(jax.random.randint(jax.random.fold_in(k, 1), (bs,), 0, exp.num_classes))
+             if exp.conditional else np.zeros((bs,), np.int32))
+        x, nfe = sampler(params, k, replicated_batch(y, mesh))
+        yield to_host(x)[:num - i * bs], int(np.max(to_host(nfe)))
 
 
 def draw_samples(exp: Experiment, params, mesh: Mesh, num: int, key: jax.Array
@@ -115,6 +117,6 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
         files.atomic_savez(path, samples=samples, nfe=nfe)
         save_samples_png(path[:-4] + ".png", samples, exp,
                          f"step {step}, {exp.sampling.method}, NFE {nfe}")
-    print(f"wrote {len(samples)} samples (NFE {nfe}, {elapsed:.1f} s) to {path} and "
-          f"{path[:-4]}.png", flush=True)
+        print(f"wrote {len(samples)} samples (NFE {nfe}, {elapsed:.1f} s) to {path} and "
+              f"{path[:-4]}.png", flush=True)
     return path

@@ -6,6 +6,11 @@ processes, with the batch dimension split along its axis `DATA_AXIS`:
     mesh = data_mesh()
     step = jax.jit(shard_over_batch(per_device_fn, mesh, ...))
     batch = put_batch({"x": local_x}, mesh)      # process-local rows -> one global array
+    x = replicated_batch(x_np, mesh)             # the same rows on every process -> global
+    x_np = to_host(x)                            # a global array, whole, on every process
+
+With several processes (multi-host), every process runs every collective program with the same
+arguments; `to_host` gathers results that span other processes' devices.
 """
 
 from __future__ import annotations
@@ -29,6 +34,24 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
     """Process-local numpy arrays (n_jit, b_local, ...) -> global arrays sharded on dimension 1."""
     sharding = NamedSharding(mesh, P(None, DATA_AXIS))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def replicated_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array that every process holds in full -> a global array split over the mesh on
+    its first dimension (each process places only its own devices' rows)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh), lambda index: x[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process) global array as numpy, on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

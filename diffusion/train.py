@@ -38,6 +38,7 @@ from diffusion.generate import sample as sample
 from diffusion.parallel import DATA_AXIS as DATA_AXIS
 from diffusion.parallel import data_mesh as data_mesh
 from diffusion.parallel import put_batch as put_batch
+from diffusion.parallel import to_host
 from diffusion.progress import hms
 from diffusion.train_state import TrainState as TrainState
 from diffusion.train_state import count_params as count_params
@@ -225,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     def check(window: list, first: int, last: int) -> dict:
         """Fetches the metrics of steps first+1..last (one device sync) and checks the loss."""
-        metrics = jax.tree.map(lambda *v: np.concatenate(v), *jax.device_get(window))
+        metrics = jax.tree.map(lambda *v: np.concatenate(v), *jax.tree.map(to_host, window))
         if not np.all(np.isfinite(metrics["loss"])):
             raise FloatingPointError(
                 f"Non-finite loss in steps {first + 1}-{last} (losses {metrics['loss']}); the "
@@ -236,9 +237,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     def snapshot(state, step):
         checkpointing.save(manager, step, state)
-        if t.snapshot_sampling and jax.process_index() == 0:
+        if t.snapshot_sampling:   # every process runs the sampler; process 0 writes the grid
             samples, nfe = draw_samples(exp, state.ema_params, mesh, exp.sampling.batch_size,
                                         exp.key("snapshot"))
+        if t.snapshot_sampling and jax.process_index() == 0:
             save_samples_png(os.path.join(workdir, "samples", f"train_step_{step}.png"),
                              samples, exp, f"step {step}, NFE {nfe}")
 

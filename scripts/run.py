@@ -26,8 +26,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.",
                                required=True)
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to run.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() (multi-host runs).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-process run: call jax.distributed.initialize(), which finds the "
+    "coordinator, process count and id itself on TPU pods and under SLURM; elsewhere pass the "
+    "three flags below (each implies --distributed).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, reachable from every process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..n-1.")
 _CACHE = flags.DEFINE_string(
     "compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "diffusion-jax"),
     "Persistent XLA compilation cache: a second run (or --mode sample after training) reuses "
@@ -52,8 +58,12 @@ def main(argv):
     if _CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", _CACHE_MIN_SECS.value)
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+    explicit = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                    process_id=_PROCESS_ID.value)
+    if _DISTRIBUTED.value or any(v is not None for v in explicit.values()):
+        # CPU processes exchange gradients through gloo (GPUs use NCCL, TPUs their ICI).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
     logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                  jax.devices())
     run = {"train": train.train_and_evaluate, "eval": train.evaluate, "sample": train.sample}
