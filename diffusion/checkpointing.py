@@ -23,6 +23,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint in the workdir exists but cannot be restored."""
 
 
+class CheckpointUnreadableError(CheckpointError):
+    """The checkpoint's files are corrupted or incomplete."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint was written by another model / optimizer config."""
+
+
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
@@ -62,10 +70,39 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # tensorstore raises plain Exceptions for unreadable files
-        raise CheckpointError(
+        raise CheckpointUnreadableError(
             f"The checkpoint {path} is unreadable (corrupted, or its files are incomplete): "
             f"{type(e).__name__}: {str(e)[:300]}. Checkpoints in this workdir: steps {steps}. "
             f"Move {path} out of the way to resume from the previous one.") from e
+
+
+def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state):
+    """The newest checkpoint that restores (None if there is none), for resuming training.
+
+    A newer checkpoint whose files are unreadable (a run killed while the file system lost
+    data, a disk that filled up) is reported, moved to `<workdir>/checkpoints_unreadable/<step>`
+    (kept, not deleted) and skipped for the one before it. A checkpoint of another config is
+    not skipped: that is the user's mistake, and resuming from an older step would hide it.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return restore(manager, abstract_state, step)
+        except CheckpointUnreadableError as e:
+            aside = os.path.join(os.path.dirname(str(manager.directory)),
+                                 "checkpoints_unreadable", str(step))
+            print(f"{e}\nSkipping it: moved to {aside}; resuming from an earlier checkpoint.",
+                  flush=True)
+            if jax.process_index() == 0:
+                os.makedirs(os.path.dirname(aside), exist_ok=True)
+                if os.path.exists(aside):
+                    aside += f".{len(os.listdir(os.path.dirname(aside)))}"
+                os.replace(os.path.join(str(manager.directory), str(step)), aside)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+            manager.reload()
+    return None
 
 
 def _check_fits(manager, step: int, abstract_state, path: str, steps: list[int]) -> None:
@@ -80,16 +117,16 @@ def _check_fits(manager, step: int, abstract_state, path: str, steps: list[int])
     try:
         stored = flat(manager.item_metadata(step))
     except Exception as e:
-        raise CheckpointError(
+        raise CheckpointUnreadableError(
             f"The checkpoint {path} is unreadable (corrupted, or its files are incomplete): "
             f"reading its metadata: {type(e).__name__}: {str(e)[:300]}. Checkpoints in this "
             f"workdir: steps {steps}. Move {path} out of the way to resume from the previous "
             f"one.") from e
     expected = flat(abstract_state)
     differing = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
-    if differing:
+    if differing:  # orbax would otherwise read a slice of a larger stored array
         k = differing[0]
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"The checkpoint {path} does not fit this config's model / optimizer "
             f"({len(differing)} arrays differ; first {k}: {stored.get(k, 'absent')} in the "
             f"checkpoint, {expected.get(k, 'absent')} for this config). It was written with "
@@ -107,14 +144,15 @@ def _key_name(entry) -> str:
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM (and optionally SIGINT) into a flag the training loop polls once a step.
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the training loop polls once a step.
 
-    The loop then saves a checkpoint at the current step and exits cleanly; the previous handlers
-    are put back by `close()`. Signals can only be caught on the main thread, so elsewhere this
-    watches nothing.
+    The loop then saves a checkpoint at the current step and exits cleanly; a second signal
+    while that happens stops at once (KeyboardInterrupt), keeping the previous checkpoints. The
+    previous handlers are put back by `close()`. Signals can only be caught on the main thread,
+    so elsewhere this watches nothing.
     """
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self._event = threading.Event()
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -123,7 +161,10 @@ class PreemptionWatcher:
 
     def _handle(self, signum, frame):
         del frame
-        print(f"Received signal {signum}: saving a checkpoint and stopping.", flush=True)
+        if self._event.is_set():
+            raise KeyboardInterrupt(f"signal {signum} again: stopping without saving")
+        print(f"Received signal {signum}: saving a checkpoint and stopping (send it again to "
+              f"stop at once).", flush=True)
         self._event.set()
 
     @property

@@ -81,8 +81,9 @@ def init_train_state(exp, mesh: Mesh) -> TrainState:
 
 
 def restore_or_init(exp, manager, mesh: Mesh) -> TrainState:
-    """The latest checkpoint of `manager` if there is one, else a freshly initialised state."""
-    state = checkpointing.restore(manager, abstract_train_state(exp, mesh))
+    """The newest readable checkpoint of `manager` (unreadable newer ones are moved aside,
+    `checkpointing.restore_newest_readable`), else a freshly initialised state."""
+    state = checkpointing.restore_newest_readable(manager, abstract_train_state(exp, mesh))
     return state if state is not None else init_train_state(exp, mesh)
 
 

@@ -280,13 +280,7 @@ def test_a_corrupted_checkpoint_is_reported_as_unreadable(smoke_run, tmp_path):
     copy = str(tmp_path / "run")
     shutil.copytree(workdir, copy)
     step = str(config.training.n_iters)
-    data_files = [os.path.join(root, f)
-                  for root, _, names in os.walk(os.path.join(copy, "checkpoints", step))
-                  for f in names if os.sep + "d" + os.sep in os.path.join(root, f)]
-    assert data_files
-    for path in data_files:
-        with open(path, "wb") as f:
-            f.write(b"not a checkpoint")
+    _corrupt(copy, int(step))
     with pytest.raises(checkpointing.CheckpointError,
                        match=rf"checkpoints/{step} is unreadable \(corrupted, or its files are "
                              rf"incomplete\).*Checkpoints in this workdir: steps \[2, {step}\]"):
@@ -294,6 +288,39 @@ def test_a_corrupted_checkpoint_is_reported_as_unreadable(smoke_run, tmp_path):
     # The untouched original still restores.
     assert int(train_state.restore_latest(train.build(config), workdir,
                                           train.data_mesh()).step) == int(step)
+
+
+def _corrupt(workdir: str, step: int) -> None:
+    """Overwrites every array-data file of checkpoint `step` (its metadata stays readable)."""
+    root = os.path.join(workdir, "checkpoints", str(step))
+    data_files = [os.path.join(r, f) for r, _, names in os.walk(root) for f in names
+                  if os.sep + "d" + os.sep in os.path.join(r, f)]
+    assert data_files
+    for path in data_files:
+        with open(path, "wb") as f:
+            f.write(b"not a checkpoint")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_training_skips_an_unreadable_latest_checkpoint_and_redoes_its_steps(smoke_run,
+                                                                            tmp_path, capsys):
+    """A corrupted newest checkpoint is reported, moved aside (kept) and skipped for the one
+    before it; the steps after that are redone exactly, so the result equals the original."""
+    import shutil
+
+    config, workdir = smoke_run("toy_2d")
+    n = config.training.n_iters
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    _corrupt(copy, n)
+    config.training.snapshot_sampling = False
+    state = train.train_and_evaluate(config, copy)
+    out = capsys.readouterr().out
+    assert f"checkpoints/{n} is unreadable" in out and "resuming from step 2" in out
+    assert os.path.isdir(os.path.join(copy, "checkpoints_unreadable", str(n)))   # kept aside
+    original = train_state.restore_latest(train.build(config), workdir, train.data_mesh())
+    _assert_same_state(jax.device_get(original), jax.device_get(state))
+    _assert_same_state(original, _params(copy, config))
 
 
 def test_resuming_with_an_n_jitted_steps_that_cannot_reach_n_iters_is_refused(smoke_run,
@@ -311,3 +338,23 @@ def test_resuming_with_an_n_jitted_steps_that_cannot_reach_n_iters_is_refused(sm
                                          rf"training.n_iters=9 in calls of "
                                          rf"training.n_jitted_steps=3 steps"):
         train.train_and_evaluate(config, copy)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_watcher_turns_a_signal_into_a_save_request(sig):
+    """The loop polls `requested` (then saves and stops); a second signal stops at once."""
+    previous = signal.getsignal(sig)
+    watcher = checkpointing.PreemptionWatcher()
+    try:
+        assert signal.getsignal(sig) == watcher._handle and not watcher.requested
+        os.kill(os.getpid(), sig)
+        deadline = time.time() + 5
+        while not watcher.requested and time.time() < deadline:
+            time.sleep(0.01)
+        assert watcher.requested
+        with pytest.raises(KeyboardInterrupt, match="again"):
+            os.kill(os.getpid(), sig)
+            time.sleep(1)
+    finally:
+        watcher.close()
+    assert signal.getsignal(sig) == previous                 # previous handler restored
