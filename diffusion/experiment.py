@@ -168,6 +168,10 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False) -
     tx = create_optimizer(o.lr, o.warmup, o.grad_clip, o.beta1, o.beta2, o.eps, o.weight_decay)
     dataset = datasets.get_dataset(config, shape_only=shape_only_data)
     m, d = config.model, config.data
+    if m.get("num_classes") is not None and (dataset.num_classes or 1) > m.num_classes:
+        raise ValueError(f"Dataset {d.dataset!r} has labels 0..{dataset.num_classes - 1}, but "
+                         f"model.num_classes={m.num_classes}: labels out of range would share "
+                         f"embeddings. Set model.num_classes={dataset.num_classes}.")
     description = (f"model {m.name}{' (remat)' if m.get('remat') else ''}, {t.compute_dtype} "
                    f"compute; SDE {config.sde.name}; data {d.dataset} {dataset.data_shape}")
     return Experiment(
@@ -308,6 +312,17 @@ def _value_problems(config) -> list[str]:
             problems.append(f"training.n_iters={t.n_iters} is not reachable in calls of "
                             f"training.n_jitted_steps={n_jit} steps (the loop would stop at "
                             f"{above}): use n_iters={below} or {above}, or n_jitted_steps=1")
+    positive = [("training.batch_size", t.batch_size), ("training.n_iters", t.n_iters),
+                ("sde.N", config.sde.N), ("sampling.batch_size", config.sampling.batch_size),
+                ("sampling.num_samples", config.sampling.num_samples),
+                ("eval.batch_size", config.eval.batch_size)]
+    problems += [f"{name} must be >= 1, got {value}" for name, value in positive if value < 1]
+    non_negative = [("sampling.steps", config.sampling.steps), ("training.log_freq", t.log_freq),
+                    ("training.snapshot_freq", t.snapshot_freq),
+                    ("training.eval_freq", t.eval_freq)]
+    problems += [f"{name} must be >= 0, got {value}" for name, value in non_negative if value < 0]
+    if problems:
+        return problems        # the checks below divide by these
     n_dev = jax.device_count()
     if t.batch_size % n_dev:
         problems.append(f"training.batch_size={t.batch_size} must be divisible by the number of "

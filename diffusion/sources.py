@@ -58,6 +58,14 @@ class ArraySource(Sequence):
     def __init__(self, x: np.ndarray, label: np.ndarray):
         if len(x) != len(label):
             raise ValueError(f"{len(x)} examples but {len(label)} labels.")
+        if np.issubdtype(np.asarray(x).dtype, np.floating):
+            bad = np.flatnonzero(~np.isfinite(np.asarray(x)).reshape(len(x), -1).all(axis=1))
+            if len(bad):
+                raise ValueError(f"{len(bad)} of {len(x)} examples have NaN or infinite values "
+                                 f"(the first at index {bad[0]}): remove or repair them.")
+        if len(label) and np.min(label) < 0:
+            raise ValueError(f"Labels must be >= 0, got {np.min(label)} (index "
+                             f"{int(np.argmin(label))}).")
         self.x = x
         self.label = label
 

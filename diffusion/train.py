@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -41,6 +42,7 @@ from diffusion.parallel import put_batch as put_batch
 from diffusion.parallel import to_host
 from diffusion.progress import hms
 from diffusion.train_state import TrainState as TrainState
+from diffusion.train_state import abstract_train_state
 from diffusion.train_state import count_params as count_params
 from diffusion.train_state import create_optimizer as create_optimizer
 from diffusion.train_state import create_train_state as create_train_state
@@ -169,6 +171,17 @@ class _Logger:
             self.jsonl.close()
 
 
+def _check_writable(workdir: str) -> None:
+    """PermissionError naming the workdir if it cannot be created or written to."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise PermissionError(f"Cannot write to --workdir {workdir} ({e.strerror or e}): choose "
+                              f"a folder you can write to.") from None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains from the latest checkpoint in `workdir` (or from scratch) up to training.n_iters.
 
@@ -182,7 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     exp = build(config)
     t = exp.train
     mesh = data_mesh()
-    os.makedirs(workdir, exist_ok=True)
+    abstract_train_state(exp, mesh)   # the network fits the data, before anything is written
+    _check_writable(workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(exp.config_json)

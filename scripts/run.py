@@ -50,7 +50,7 @@ def main(argv):
     from diffusion import checkpointing, train
 
     # Errors that mean "fix the config, data or workdir" and say how; a bug keeps its traceback.
-    user_errors = (ValueError, FileNotFoundError, FloatingPointError,
+    user_errors = (ValueError, FileNotFoundError, PermissionError, FloatingPointError,
                    checkpointing.CheckpointError)
 
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO level
