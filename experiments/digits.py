@@ -18,7 +18,8 @@ sample again from the EMA checkpoint with a fast sampler, or measure bits/dim on
 
 `--mode eval` also reports FID / KID of 2,000 samples against the 1,497 training digits (needs
 the converted Inception weights, see README): measured FID 6.68, KID 0.87e-3 with the default
-sampler (1,000 steps), FID 7.26 with --config.sampling.method=dpm_solver --config.sampling.steps=20.
+sampler (1,000 steps), FID 7.26 with --config.sampling.method=dpm_solver --config.sampling.steps=20
+(7.41 after retraining with other random keys).
 
 Smoke variant (seconds on a CPU, used by the tests): --config experiments/digits.py:smoke
 Useful overrides: --config.sde.name=vesde (with --config.model.noise_input=log_sigma),
