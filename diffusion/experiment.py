@@ -141,11 +141,6 @@ class Experiment:
         """A PRNG key per purpose ("init", "train", "sample", "eval", ...): independent streams."""
         return jax.random.fold_in(jax.random.key(self.seed), zlib.crc32(purpose.encode()) >> 1)
 
-    def with_sampling(self, **changes) -> Experiment:
-        """This experiment with other sampling settings (shares the compiled-function cache)."""
-        return dataclasses.replace(self, sampling=dataclasses.replace(self.sampling, **changes),
-                                   compiled=self.compiled)
-
 
 def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False) -> Experiment:
     """Checks `config` (`check_config`) and builds SDE, network, score model, loss, optimizer,
