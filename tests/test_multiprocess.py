@@ -24,13 +24,16 @@ def _free_port() -> int:
 
 
 def _run_two_processes(config_arg: str, workdir: str, mode: str, *overrides: str) -> list[str]:
-    """Runs `scripts/run.py` as processes 0 and 1 of one run; returns their outputs."""
+    """Runs `scripts/run.py` as processes 0 and 1 of one run; returns their outputs. The runs
+    of one test share a compilation cache beside the workdir (the later ones reuse programs)."""
     port = _free_port()
+    cache = os.path.join(os.path.dirname(workdir), "jax_cache")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = [subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "scripts", "run.py"), f"--config={config_arg}",
          f"--workdir={workdir}", f"--mode={mode}", f"--coordinator_address=127.0.0.1:{port}",
-         "--num_processes=2", f"--process_id={i}", "--compilation_cache_dir=", *overrides],
+         "--num_processes=2", f"--process_id={i}", f"--compilation_cache_dir={cache}",
+         *overrides],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
     outs = []

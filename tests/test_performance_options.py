@@ -33,7 +33,7 @@ def _inputs(batch=2):
     return x, t
 
 
-@pytest.mark.parametrize("name", sorted(NETWORKS))
+@pytest.mark.parametrize("name", [pytest.param("ncsnpp", marks=pytest.mark.slow), "unet"])
 def test_remat_gives_the_same_parameters_outputs_and_gradients(name):
     cls, kwargs = NETWORKS[name]
     plain, remat = cls(**kwargs), cls(**kwargs, remat=True)
