@@ -70,10 +70,14 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # tensorstore raises plain Exceptions for unreadable files
-        raise CheckpointUnreadableError(
-            f"The checkpoint {path} is unreadable (corrupted, or its files are incomplete): "
-            f"{type(e).__name__}: {str(e)[:300]}. Checkpoints in this workdir: steps {steps}. "
-            f"Move {path} out of the way to resume from the previous one.") from e
+        raise _unreadable(path, steps, "", e) from e
+
+
+def _unreadable(path: str, steps: list[int], what: str, e: Exception) -> CheckpointError:
+    return CheckpointUnreadableError(
+        f"The checkpoint {path} is unreadable (corrupted, or its files are incomplete): {what}"
+        f"{type(e).__name__}: {str(e)[:300]}. Checkpoints in this workdir: steps {steps}. Move "
+        f"{path} out of the way to resume from the previous one.")
 
 
 def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state):
@@ -117,11 +121,7 @@ def _check_fits(manager, step: int, abstract_state, path: str, steps: list[int])
     try:
         stored = flat(manager.item_metadata(step))
     except Exception as e:
-        raise CheckpointUnreadableError(
-            f"The checkpoint {path} is unreadable (corrupted, or its files are incomplete): "
-            f"reading its metadata: {type(e).__name__}: {str(e)[:300]}. Checkpoints in this "
-            f"workdir: steps {steps}. Move {path} out of the way to resume from the previous "
-            f"one.") from e
+        raise _unreadable(path, steps, "reading its metadata: ", e) from e
     expected = flat(abstract_state)
     differing = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
     if differing:  # orbax would otherwise read a slice of a larger stored array
