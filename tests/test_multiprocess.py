@@ -92,6 +92,9 @@ def _check_same_run(name: str, tmp_path):
         assert sum('"loss"' in line for line in f) >= 2   # both runs logged, once each
 
 
+# Four pairs of processes, each importing JAX and compiling (about 45 s on 2 cores): with the
+# slow set, which CI runs after the default suite.
+@pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_toy(tmp_path):
     _check_same_run("toy_2d", tmp_path)
 
