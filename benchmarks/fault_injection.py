@@ -53,7 +53,6 @@ def _last_logged_step(workdir: str) -> int:
 
 
 def _final_state(workdir: str, steps: int):
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from diffusion import train, train_state
     from experiments import toy_2d
 

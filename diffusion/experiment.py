@@ -130,7 +130,8 @@ class Experiment:
     eval: EvalSettings
     description: str           # one line for the logs: network, SDE, data
     config_json: str           # the whole config, written to <workdir>/config.json
-    # Jitted functions built once per experiment, so periodic sampling / evaluation compile once.
+    # Built once per experiment (jitted samplers, eval functions, the abstract train state), so
+    # periodic sampling / evaluation compile once and the network is traced once.
     compiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
