@@ -64,7 +64,7 @@ def _probe(key: Array, kind: str, shape, dtype) -> Array | None:
 def log_likelihood(key: Array, sde: SDE, score_fn: ScoreFn, x: Array,
                    divergence: str = "hutchinson_gaussian", rtol: float = 1e-5,
                    atol: float = 1e-5, eps: float = 1e-5, method: str = "tsit5",
-                   prior_logp=None) -> tuple[Array, Array]:
+                   prior_logp=None, max_steps: int = 4096) -> tuple[Array, Array]:
     """log p_eps(x) in nats per example through the probability-flow ODE.
 
     Args:
@@ -75,6 +75,8 @@ def log_likelihood(key: Array, sde: SDE, score_fn: ScoreFn, x: Array,
       eps: the time the likelihood refers to (score_sde: 1e-5).
       prior_logp: log-density (B,) to use at T instead of `sde.prior_logp` (e.g. the exact p_T of
         a test distribution, to isolate the integration error from the prior mismatch).
+      max_steps: adaptive steps allowed; a solve that needs more (or meets a non-finite score)
+        raises `sampling.ode.ODESolverError` outside jit and gives NaN inside.
 
     Returns:
       (logp (B,), nfe).
@@ -97,7 +99,7 @@ def log_likelihood(key: Array, sde: SDE, score_fn: ScoreFn, x: Array,
 
     start = (x, jnp.zeros((x.shape[0],), x.dtype))
     (z, integral), nfe = ode.solve(diffrax.ODETerm(vector_field), start, eps, sde.T, rtol, atol,
-                                   method)
+                                   method, max_steps)
     prior = sde.prior_logp if prior_logp is None else prior_logp
     return prior(z) + integral, nfe
 

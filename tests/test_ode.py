@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import sampling
+from diffusion import likelihood, sampling
 from diffusion import sde as sde_lib
 from diffusion.gaussian_mixture import GaussianMixture
 
@@ -102,3 +102,37 @@ def test_ode_sample_jits_with_static_shape():
     fn = jax.jit(lambda key: sampling.ode_sample(key, sde, score, (16, 2)))
     x, nfe = fn(jax.random.key(1))
     assert x.shape == (16, 2) and np.all(np.isfinite(x)) and int(nfe) > 0
+
+
+def _nan_score(x, t):
+    return jnp.full_like(x, jnp.nan)
+
+
+def _stiff_score(x, t):
+    return -1e6 * x
+
+
+@pytest.mark.parametrize("score, cause", [(_nan_score, "maximum number of solver steps"),
+                                          (_stiff_score, "maximum number of solver steps")])
+def test_a_failed_solve_raises_instead_of_returning_nans(score, cause):
+    sde = SDES["vp"]
+    calls = {
+        "ode_sample": lambda: sampling.ode_sample(jax.random.key(0), sde, score, (4, 2),
+                                                  max_steps=20),
+        "encode": lambda: sampling.encode(sde, score, jnp.ones((4, 2)), max_steps=20),
+        "decode": lambda: sampling.decode(sde, score, jnp.ones((4, 2)), max_steps=20),
+        "log_likelihood": lambda: likelihood.log_likelihood(
+            jax.random.key(0), sde, score, jnp.ones((4, 2)), divergence="exact", max_steps=20),
+    }
+    for name, call in calls.items():
+        with pytest.raises(sampling.ODESolverError, match=f"failed after 20 steps.*{cause}.*"
+                           "loosen them or raise max_steps \\(now 20\\)"):
+            call()
+            pytest.fail(f"{name} returned instead of raising")
+
+
+def test_a_failed_solve_under_jit_is_nan_not_numbers():
+    sde = SDES["vp"]
+    fn = jax.jit(lambda key: sampling.ode_sample(key, sde, _stiff_score, (4, 2), max_steps=20))
+    x, nfe = fn(jax.random.key(0))
+    assert np.all(np.isnan(x)) and int(nfe) == 6 * 20 + 1

@@ -2,10 +2,11 @@
 
 - `pc_sample`: predictor-corrector sampling of the reverse SDE (pc.py).
 - `ode_sample`: the probability-flow ODE with an adaptive solver; `encode` / `decode` map data to
-  latents and back (ode.py).
+  latents and back (ode.py); a failed solve raises `ODESolverError` (NaN under jit).
 - `ddim_sample`, `dpm_solver_sample`, `edm_sample`: few-step solvers (solvers.py).
 """
 
+from diffusion.sampling.ode import ODESolverError as ODESolverError
 from diffusion.sampling.ode import decode as decode
 from diffusion.sampling.ode import encode as encode
 from diffusion.sampling.ode import ode_sample as ode_sample
