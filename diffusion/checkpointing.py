@@ -12,6 +12,7 @@ dies mid-save never leaves a half-written checkpoint in place of a good one.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 
@@ -29,6 +30,10 @@ class CheckpointUnreadableError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint was written by another model / optimizer config."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed (a full disk, a lost mount); the older ones are kept."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -49,8 +54,61 @@ def make_manager(workdir: str, *, max_to_keep: int | None = 3, async_save: bool 
 
 
 def save(manager: ocp.CheckpointManager, step: int, state) -> None:
-    """Starts saving `state` at `step` (returns before the write completes if async)."""
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    """Starts saving `state` at `step` (returns before the write completes if async).
+
+    An asynchronous save that failed in the background surfaces here (orbax waits for the
+    previous save first) or in `finish`, as CheckpointSaveError.
+    """
+    try:
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    except Exception as e:
+        raise _save_failed(manager, e) from e
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+    """Waits for the last save to complete and closes the manager; CheckpointSaveError if a
+    save failed."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        raise _save_failed(manager, e) from e
+    finally:
+        manager.close()
+
+
+def complete_steps(workdir_or_dir: str) -> list[int]:
+    """Steps of the complete checkpoints on disk (orbax renames a checkpoint's temporary folder
+    to its step only once every file is written)."""
+    directory = str(workdir_or_dir)
+    if os.path.basename(directory.rstrip("/")) != "checkpoints":
+        directory = checkpoint_dir(directory)
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def _os_cause(e: Exception) -> str:
+    """The operating system's reason inside a tensorstore / orbax error, e.g. 'No space left on
+    device (errno 28)', or the error itself."""
+    text = str(e)
+    found = re.search(r"Failed to write[^:]*: ([^\[]+?)\s*\[os_error_code='(\d+)'\]", text)
+    if found:
+        return f"{found.group(1)} (errno {found.group(2)})"
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def _save_failed(manager: ocp.CheckpointManager, e: Exception) -> CheckpointSaveError:
+    directory = str(manager.directory)
+    steps = complete_steps(directory)
+    partial = sorted(n for n in os.listdir(directory) if "tmp" in n) if os.path.isdir(
+        directory) else []
+    resume = (f"rerun the same command to resume from step {steps[-1]}" if steps else
+              "rerun the same command (no checkpoint was complete: it starts from scratch)")
+    return CheckpointSaveError(
+        f"Saving a checkpoint to {directory} failed: {_os_cause(e)}. No "
+        f"checkpoint was deleted: the complete ones are steps {steps}"
+        + (f"; the incomplete write ({', '.join(partial)}) is ignored when resuming" if partial
+           else "")
+        + f". Free space on that disk (or fix the mount) and {resume}.")
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):

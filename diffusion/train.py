@@ -288,7 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     finally:
         iterator.close()
         watcher.close()
-        manager.wait_until_finished()
-        manager.close()
-        logger.close()
+        try:
+            checkpointing.finish(manager)   # a failed background save is raised here
+        finally:
+            logger.close()
     return state

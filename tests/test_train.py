@@ -323,6 +323,61 @@ def test_training_skips_an_unreadable_latest_checkpoint_and_redoes_its_steps(smo
     _assert_same_state(original, _params(copy, config))
 
 
+class _DiskFullAt:
+    """Every file write past `limit` bytes fails (EFBIG) while active: RLIMIT_FSIZE with SIGXFSZ
+    ignored, the operating system's own refusal, as a full disk refuses a write."""
+
+    def __init__(self, limit: int):
+        import resource
+
+        self.resource, self.limit = resource, limit
+
+    def __enter__(self):
+        self.old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        self.old_limit = self.resource.getrlimit(self.resource.RLIMIT_FSIZE)
+        self.resource.setrlimit(self.resource.RLIMIT_FSIZE, (self.limit, self.old_limit[1]))
+
+    def __exit__(self, *exc):
+        self.resource.setrlimit(self.resource.RLIMIT_FSIZE, self.old_limit)
+        signal.signal(signal.SIGXFSZ, self.old_handler)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_full_disk_during_a_save_is_reported_and_deletes_no_checkpoint(smoke_run, tmp_path,
+                                                                         capsys):
+    """The disk fills up while orbax writes a checkpoint (keep_checkpoints=1, so a save that
+    went on to its clean-up would delete the older ones): the run stops with one message naming
+    the cause and the step to resume from, every complete checkpoint stays, and the rerun
+    resumes from the newest of them."""
+    import shutil
+
+    config, workdir = smoke_run("toy_2d")
+    n = config.training.n_iters
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    limit = 32 * 1024
+    sizes = [os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(copy) for f in fs]
+    assert max(sizes) > limit   # a checkpoint cannot be written under the limit
+    for name in ("train.jsonl", "config.json"):
+        assert os.path.getsize(os.path.join(copy, name)) < limit // 2   # the logs can
+    config.training.update(snapshot_sampling=False, keep_checkpoints=1, snapshot_freq=2,
+                           n_iters=n + 4, eval_freq=0)
+    with _DiskFullAt(limit), pytest.raises(
+            checkpointing.CheckpointSaveError,
+            match=rf"Saving a checkpoint to .*checkpoints failed: File too large \(errno 27\)\. "
+                  rf"No checkpoint was deleted: the complete ones are steps \[2, {n}\]; the "
+                  rf"incomplete write \({n + 2}\.orbax-checkpoint-tmp\) is ignored when "
+                  rf"resuming\. Free space on that disk .* resume from step {n}\."):
+        train.train_and_evaluate(config, copy)
+    assert checkpointing.complete_steps(copy) == [2, n]
+    restored = train_state.restore_latest(train.build(config), copy, train.data_mesh())
+    assert int(restored.step) == n
+    capsys.readouterr()
+    state = train.train_and_evaluate(config, copy)   # the disk has room again
+    assert f"resuming from step {n}" in capsys.readouterr().out
+    assert int(state.step) == n + 4 and checkpointing.complete_steps(copy) == [n + 4]
+
+
 def test_resuming_with_an_n_jitted_steps_that_cannot_reach_n_iters_is_refused(smoke_run,
                                                                             tmp_path):
     import shutil
