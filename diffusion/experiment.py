@@ -27,10 +27,10 @@ import jax
 import ml_collections
 import optax
 
-from diffusion import datasets, defaults, losses, models
+from diffusion import datasets, defaults, likelihood, losses, models
 from diffusion import sde as sde_lib
 from diffusion.models import parameterization
-from diffusion.sampling import SAMPLERS
+from diffusion.sampling import CORRECTORS, PREDICTORS, SAMPLERS, ode
 from diffusion.train_state import create_optimizer
 
 # What each sampler reads from config.sampling besides the keys every sampler reads.
@@ -183,6 +183,9 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False) -
         description=description, config_json=config.to_json_best_effort(indent=2))
 
 
+_NONE_NAMES = (None, "", "none", "None")
+
+
 def sampling_settings(s: ml_collections.ConfigDict) -> SamplingSettings:
     """The sampler of a config's `sampling` block and its keyword arguments.
 
@@ -199,7 +202,7 @@ def sampling_settings(s: ml_collections.ConfigDict) -> SamplingSettings:
             if s.steps and s.method != "pc":
                 kwargs["steps"] = s.steps
         elif key in ("predictor", "corrector"):
-            kwargs[key] = None if s[key] in (None, "", "none", "None") else s[key]
+            kwargs[key] = None if s[key] in _NONE_NAMES else s[key]
         else:
             kwargs[{"n_steps_each": "n_corrector_steps", "ode_solver": "method"}.get(key, key)] = (
                 s[key])
@@ -338,4 +341,29 @@ def _value_problems(config) -> list[str]:
                         f"{e.fid_num_samples} and {e.fid_batch_size}")
     if not 0.0 <= config.model.ema_rate < 1.0:
         problems.append(f"model.ema_rate must be in [0, 1), got {config.model.ema_rate}")
+    return problems + _name_problems(config)
+
+
+def _name_problems(config) -> list[str]:
+    """Names the sampler and the likelihood look up only when they run (a snapshot or an
+    evaluation, after training has started): checked here, before anything is written."""
+    s, problems = config.sampling, []
+    choices = []
+    if s.method == "pc":
+        choices += [("sampling.predictor", s.predictor, sorted(PREDICTORS)),
+                    ("sampling.corrector", s.corrector, sorted(CORRECTORS))]
+    if s.method == "ode":
+        choices.append(("sampling.ode_solver", s.ode_solver, sorted(ode.SOLVERS)))
+    choices.append(("eval.bpd_divergence", config.eval.bpd_divergence,
+                    list(likelihood.DIVERGENCES)))
+    for key, value, valid in choices:
+        optional = key in ("sampling.predictor", "sampling.corrector")
+        if optional and value in _NONE_NAMES:
+            continue
+        if value not in valid:
+            problems.append(f"{key}={value!r} is not one of {valid}"
+                            + (" (or 'none')" if optional else ""))
+    if (s.method == "pc" and s.predictor in _NONE_NAMES and s.corrector in _NONE_NAMES):
+        problems.append("sampling.predictor and sampling.corrector are both 'none': the PC "
+                        "sampler needs at least one")
     return problems

@@ -37,3 +37,9 @@ def atomic_savez(path: str, **arrays) -> None:
     """`np.savez(path, **arrays)`, atomically (`path` should end in .npz)."""
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)

@@ -34,6 +34,7 @@ from diffusion.evaluate import eval_loss
 from diffusion.evaluate import evaluate as evaluate
 from diffusion.experiment import Experiment as Experiment
 from diffusion.experiment import build as build
+from diffusion.files import atomic_write_text
 from diffusion.generate import draw_samples, save_samples_png
 from diffusion.generate import sample as sample
 from diffusion.parallel import DATA_AXIS as DATA_AXIS
@@ -197,9 +198,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     mesh = data_mesh()
     abstract_train_state(exp, mesh)   # the network fits the data, before anything is written
     _check_writable(workdir)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(exp.config_json)
     manager = checkpointing.make_manager(workdir, max_to_keep=t.keep_checkpoints)
     state = restore_or_init(exp, manager, mesh)
     start = int(state.step)
@@ -217,6 +215,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         raise ValueError(f"The checkpoint at step {start} cannot reach training.n_iters="
                          f"{t.n_iters} in calls of training.n_jitted_steps={n_jit} steps: "
                          f"resume with an n_jitted_steps that divides {t.n_iters - start}.")
+    if jax.process_index() == 0:   # only now: a refused resume keeps the config that wrote it
+        atomic_write_text(os.path.join(workdir, "config.json"), exp.config_json)
 
     train_step = make_train_step(exp.loss_fn, exp.tx, t.ema_rate, mesh, t.ema_warmup)
     train_key = exp.key("train")

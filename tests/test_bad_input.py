@@ -1,7 +1,8 @@
-"""Bad input stops `train_and_evaluate` with one clear message, before anything is written.
+"""Bad input stops `train_and_evaluate` (and sampling / evaluation) with one clear message,
+before anything is written; a refused run leaves an existing workdir exactly as it was.
 
-(Config keys: tests/test_config_checks.py; names of SDEs / models / samplers: test_train.py;
-datasets: test_datasets.py; checkpoints of another config or corrupted: test_train.py.)
+(Config keys: tests/test_config_checks.py; the loaders' own messages: test_datasets.py; a
+corrupted newest checkpoint skipped by training, and a full disk: test_train.py.)
 """
 
 import os
@@ -9,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from diffusion import datasets, train
-from experiments import digits, toy_2d
+from diffusion import checkpointing, datasets, train
+from experiments import digits, toy_2d, vp_cifar
 
 
 def _refused(config, tmp_path, error, match):
@@ -18,6 +19,56 @@ def _refused(config, tmp_path, error, match):
     with pytest.raises(error, match=match):
         train.train_and_evaluate(config, str(workdir))
     assert not workdir.exists() or not any(workdir.iterdir()), "a refused run wrote files"
+
+
+def _files(workdir) -> dict:
+    """Every file under `workdir` with its size and modification time."""
+    out = {}
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, workdir)] = (os.path.getsize(path), os.stat(path).st_mtime_ns)
+    return out
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("sde.name", "vpp", r"Unknown SDE 'vpp': config\.sde\.name must be one of \['cosine_vpsde', "
+                        r"'subvpsde', 'vesde', 'vpsde'\]"),
+    ("model.name", "resnet", r"Unknown model 'resnet': config\.model\.name must be one of "
+                             r"\['ddpmpp', 'mlp', 'ncsnpp', 'unet'\]"),
+    ("sampling.method", "magic", r"Unknown sampler 'magic': config\.sampling\.method must be "
+                                 r"one of \['ddim', 'dpm_solver', 'edm', 'ode', 'pc'\]"),
+    ("data.dataset", "no_such_dataset_xyz", r"Unknown dataset 'no_such_dataset_xyz': it is "
+                                            r"neither embedded \(digits, gmm, moons, swiss_roll\)"),
+    ("model.parameterization", "eps", r"Unknown parameterization 'eps'"),
+    ("sampling.predictor", "rk9", r"sampling\.predictor='rk9' is not one of \['ancestral', "
+                                  r"'euler_maruyama', 'reverse_diffusion'\] \(or 'none'\)"),
+    ("sampling.corrector", "foo", r"sampling\.corrector='foo' is not one of \['ald', "
+                                  r"'langevin'\]"),
+    ("eval.bpd_divergence", "exactly", r"eval\.bpd_divergence='exactly' is not one of \['exact', "
+                                       r"'hutchinson_gaussian', 'hutchinson_rademacher'\]"),
+])
+def test_unknown_names(key, value, match, tmp_path):
+    config = toy_2d.get_config("smoke")
+    section, field = key.split(".")
+    config[section][field] = value
+    _refused(config, tmp_path, ValueError, match)
+
+
+def test_an_unknown_ode_solver(tmp_path):
+    config = toy_2d.get_config("smoke")
+    config.sampling.method, config.sampling.ode_solver = "ode", "rk4"
+    _refused(config, tmp_path, ValueError, r"sampling\.ode_solver='rk4' is not one of "
+                                           r"\['dopri5', 'tsit5'\]")
+
+
+def test_a_tfds_dataset_that_is_not_prepared(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    config = vp_cifar.get_config("smoke")
+    config.data.data_dir = str(tmp_path / "tfds")
+    os.makedirs(config.data.data_dir)
+    _refused(config, tmp_path, datasets.DatasetNotFoundError, r"not prepared")
+    assert not os.listdir(config.data.data_dir)
 
 
 @pytest.mark.parametrize("key, value, match", [
@@ -86,3 +137,48 @@ def test_cli_reports_an_unwritable_workdir_in_one_line(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "Error (PermissionError): Cannot write to --workdir" in result.stderr
+
+
+def test_resuming_with_another_network_changes_nothing(smoke_run, tmp_path):
+    """The checkpoint stays, and so does the config.json that its error message points to."""
+    import shutil
+
+    config, workdir = smoke_run("toy_2d")
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    before = _files(copy)
+    config.model.hidden = 2 * config.model.hidden
+    config.training.n_iters *= 2
+    with pytest.raises(checkpointing.CheckpointMismatchError,
+                       match=r"does not fit this config's model / optimizer .* use the config "
+                             r"that wrote it \(its workdir's config\.json\)"):
+        train.train_and_evaluate(config, copy)
+    assert _files(copy) == before
+
+
+# orbax's reader leaves asyncio callbacks behind when tensorstore fails (harmless).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("mode", ["sample", "evaluate"])
+def test_sampling_or_evaluating_a_corrupted_checkpoint_writes_nothing(mode, smoke_run, tmp_path):
+    import shutil
+
+    from tests.test_train import _corrupt
+
+    config, workdir = smoke_run("toy_2d")
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    _corrupt(copy, config.training.n_iters)
+    before = _files(copy)
+    with pytest.raises(checkpointing.CheckpointUnreadableError,
+                       match=rf"checkpoints/{config.training.n_iters} is unreadable"):
+        getattr(train, mode)(config, copy)
+    assert _files(copy) == before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("mode", ["sample", "evaluate"])
+def test_sampling_or_evaluating_without_a_checkpoint(mode, tmp_path):
+    config = toy_2d.get_config("smoke")
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint in .*run/checkpoints: train"):
+        getattr(train, mode)(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

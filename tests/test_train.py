@@ -166,23 +166,11 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
     assert int(_params(str(tmp_path), config).step) == 2
 
 
-def test_bad_config_values_give_one_clear_error(tmp_path):
+def test_n_iters_not_a_multiple_of_n_jitted_steps_is_one_clear_error(tmp_path):
     config = toy_2d.get_config("smoke")
     config.training.n_jitted_steps = 3
     with pytest.raises(ValueError, match="multiple of training.n_jitted_steps"):
         train.train_and_evaluate(config, str(tmp_path))
-    for key, value, match in [
-            ("sde.name", "vpp", "config.sde.name must be one of"),
-            ("model.name", "resnet", "config.model.name must be one of"),
-            ("sampling.method", "magic", "config.sampling.method must be one of")]:
-        config = toy_2d.get_config("smoke")
-        section, field = key.split(".")
-        config[section][field] = value
-        with pytest.raises(ValueError, match=match):
-            if section == "sampling":
-                train.build(config)
-            else:
-                train.build(config)
 
 
 def _cli(*args):
