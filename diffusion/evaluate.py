@@ -26,7 +26,14 @@ from diffusion import datasets, likelihood, metrics
 from diffusion.experiment import EvalSettings, Experiment, build
 from diffusion.generate import draw_samples, sample_batches
 from diffusion.models import parameterization
-from diffusion.parallel import DATA_AXIS, data_mesh, map_over_batch, replicated_batch, to_host
+from diffusion.parallel import (
+    DATA_AXIS,
+    batch_sharding,
+    data_mesh,
+    map_over_batch,
+    replicated_batch,
+    to_host,
+)
 from diffusion.progress import progress
 from diffusion.train_state import restore_latest
 
@@ -66,7 +73,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     extractor = None
     if exp.dataset.is_image and exp.eval.enable_fid:
         # The Inception weights load (or fail, saying how to get them) before any long work.
-        extractor = make_inception_extractor(exp.eval)
+        extractor = make_inception_extractor(exp.eval, mesh)
     t0 = time.time()
     record = {"step": step,
               "eval_loss": eval_loss(exp, state.ema_params, exp.eval.num_batches,
@@ -186,12 +193,14 @@ def sample_distances(exp: Experiment, params, mesh: Mesh) -> dict:
             "sampler_nfe": nfe, "num_samples": len(samples)}
 
 
-def make_inception_extractor(settings: EvalSettings) -> metrics.InceptionExtractor:
-    """The FID Inception network on this process's devices (batch split over them if it divides)."""
-    local = jax.local_devices()
+def make_inception_extractor(settings: EvalSettings, mesh: Mesh) -> metrics.InceptionExtractor:
+    """The FID Inception network with each batch split over the devices of every process (or,
+    if `eval.fid_batch_size` does not divide over them, this process's devices)."""
     sharding = None
-    if len(local) > 1 and settings.fid_batch_size % len(local) == 0:
-        sharding = NamedSharding(Mesh(np.array(local), (DATA_AXIS,)), P(DATA_AXIS))
+    if settings.fid_batch_size % mesh.size == 0:
+        sharding = batch_sharding(mesh)
+    elif len(jax.local_devices()) > 1 and settings.fid_batch_size % len(jax.local_devices()) == 0:
+        sharding = NamedSharding(Mesh(np.array(jax.local_devices()), (DATA_AXIS,)), P(DATA_AXIS))
     return metrics.InceptionExtractor(settings.inception_weights or None,
                                       settings.fid_batch_size, sharding)
 

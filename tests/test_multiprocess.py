@@ -49,7 +49,9 @@ def _run_two_processes(config_arg: str, workdir: str, mode: str, *overrides: str
     return outs
 
 
-def _check_same_run(name: str, tmp_path):
+def _check_same_run(name: str, tmp_path, fid: bool = False):
+    """`fid`: the eval runs FID / KID as well (the Inception network split over both processes'
+    devices, the reference statistics computed by both and written by process 0)."""
     import importlib
 
     config = importlib.import_module(f"experiments.{name}").get_config("smoke")
@@ -66,7 +68,7 @@ def _check_same_run(name: str, tmp_path):
     assert f"resuming from step {n // 2}" in outs[0] and f"resuming from step {n // 2}" in outs[1]
     assert f"step {n}/{n}" in outs[0] and f"step {n}/{n}" not in outs[1]   # process 0 logs
     _run_two_processes(config_arg, multi, "sample")
-    _run_two_processes(config_arg, multi, "eval", "--config.eval.enable_fid=False")
+    _run_two_processes(config_arg, multi, "eval", f"--config.eval.enable_fid={fid}")
 
     mesh = train.data_mesh()
     a = train_state.restore_latest(train.build(config), single, mesh)
@@ -78,7 +80,7 @@ def _check_same_run(name: str, tmp_path):
                          a.params, train_state.init_train_state(train.build(config), mesh).params)
     assert max(jax.tree.leaves(moved)) > 1e-5          # training changed the parameters
 
-    config.eval.enable_fid = False
+    config.eval.enable_fid = fid
     path = train.sample(config, single)
     with np.load(path) as f, np.load(os.path.join(multi, "samples", f"step_{n}.npz")) as g:
         np.testing.assert_allclose(f["samples"], g["samples"], rtol=1e-4, atol=1e-4)
@@ -88,6 +90,10 @@ def _check_same_run(name: str, tmp_path):
     assert len(records) == 1                           # written once, by process 0
     expected = train.evaluate(config, single)
     assert records[0]["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
+    if fid:
+        assert records[0]["fid"] == pytest.approx(expected["fid"], rel=1e-3)
+        assert records[0]["kid"] == pytest.approx(expected["kid"], rel=1e-3, abs=1e-6)
+        assert len(os.listdir(os.path.join(multi, "fid_stats"))) == 1
     with open(os.path.join(multi, "train.jsonl")) as f:
         assert sum('"loss"' in line for line in f) >= 2   # both runs logged, once each
 
@@ -100,5 +106,5 @@ def test_two_processes_equal_one_process_on_the_toy(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_on_the_digits(tmp_path):
-    _check_same_run("digits", tmp_path)
+def test_two_processes_equal_one_process_on_the_digits(tmp_path, inception_weights):
+    _check_same_run("digits", tmp_path, fid=True)

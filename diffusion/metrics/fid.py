@@ -28,6 +28,7 @@ import numpy as np
 
 from diffusion import files
 from diffusion.metrics import inception
+from diffusion.parallel import to_host
 
 Array = jax.Array
 
@@ -204,7 +205,10 @@ class InceptionExtractor:
     """Calls the Inception network on batches of any size with one compiled batch shape.
 
     images (B, H, W, C) in [0, 255] -> (pool (B, 2048), logits (B, 1008) or None) as numpy. Each
-    batch is padded to `batch_size` (and split if larger), and sharded over `sharding` if given.
+    batch is padded to `batch_size` (and split if larger), and split over the devices of
+    `sharding` if given. That sharding may span several processes (the global data mesh): each
+    process then holds the same images, places only its own devices' rows, and the features are
+    gathered back to every process, so a pod shares the Inception work instead of repeating it.
     """
 
     def __init__(self, weights_path: str | None = None, batch_size: int = 200, sharding=None):
@@ -223,11 +227,13 @@ class InceptionExtractor:
             if n < self.batch_size:
                 pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
-            x = jax.device_put(chunk, self.sharding) if self.sharding is not None else chunk
-            pool, logit = inception.features(self.params, x)
-            pools.append(np.asarray(pool)[:n])
+            if self.sharding is not None:
+                chunk = jax.make_array_from_callback(chunk.shape, self.sharding,
+                                                     lambda index, c=chunk: c[index])
+            pool, logit = inception.features(self.params, chunk)
+            pools.append(to_host(pool)[:n])
             if logit is not None:
-                logits.append(np.asarray(logit)[:n])
+                logits.append(to_host(logit)[:n])
         return np.concatenate(pools), (np.concatenate(logits) if logits else None)
 
     def stats(self, batches: Iterable, max_keep: int = 10_000) -> FeatureStats:
