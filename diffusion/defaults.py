@@ -50,7 +50,9 @@ def get_default_config() -> ml_collections.ConfigDict:
                                         # log sigma(t); discrete ones on the level (score_sde)
     model.scale_input = False           # feed x / sqrt(alpha^2 + sigma^2) to the network (EDM's
                                         # c_in; our option, not score_sde's)
-    model.num_classes = None            # set to an int for a class-conditional model
+    model.num_classes = ml_collections.config_dict.placeholder(int)  # an int: class-conditional
+    model.label_dropout = 0.0           # conditional models: labels replaced by the null label
+                                        # with this probability (classifier-free guidance)
     model.remat = False                 # recompute block activations in the backward pass
                                         # (less memory, ~1 more forward; unet/ncsnpp/ddpmpp)
 
@@ -112,6 +114,18 @@ def get_default_config() -> ml_collections.ConfigDict:
     sampling.eps = 1e-3
     sampling.batch_size = 64
     sampling.num_samples = 64
+    # Controllable generation (diffusion/guidance.py; README "Controllable generation").
+    sampling.labels = ""                # conditional / guided: "3,3,7" (cycled), "all" (0..K-1
+                                        # cycled), "" (uniformly random)
+    sampling.guidance = "none"          # "cfg" (classifier-free) | "classifier" | "none"
+    sampling.guidance_weight = 0.0      # cfg: w; classifier: the scale
+    sampling.classifier_workdir = ""    # classifier guidance: workdir of a trained classifier
+    sampling.task = "none"              # "inpaint" | "colorize" | "super_resolve" | "none"
+    sampling.task_input = "eval"        # conditioning images: "eval" (the eval split), or a
+                                        # .npz (array "images") / .png file
+    sampling.mask = "right_half"        # inpaint: the unknown part ("right_half", "bottom_half",
+                                        # "center", "random")
+    sampling.sr_factor = 2              # super_resolve: the upsampling factor
 
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.batch_size = 256

@@ -56,6 +56,39 @@ def eval_loss(exp: Experiment, params, num_batches: int, key: jax.Array) -> floa
     return total / num_batches
 
 
+CLASSIFIER_TIMES = (0.0, 0.1, 0.25, 0.5)
+
+
+def classifier_accuracy(exp: Experiment, params) -> dict:
+    """Accuracy of a classifier experiment on the whole eval split: at t = 0 (clean data), and
+    for a noise-conditional one also on x_t = alpha(t) x_0 + sigma(t) z at CLASSIFIER_TIMES
+    (fixed noise)."""
+    n, bs = len(exp.dataset.eval), exp.eval.batch_size
+    data = datasets.examples_at(exp.dataset, "eval", np.arange(n), seed=exp.seed,
+                                centered=exp.data.centered)
+    if "classifier" not in exp.compiled:
+        def predict(params, x, t, key):
+            alpha, sigma = exp.sde.marginal_coeffs(t)
+            z = jax.random.normal(key, x.shape, x.dtype)
+            xt = alpha[:, None, None, None] * x + sigma[:, None, None, None] * z
+            return jnp.argmax(exp.net.apply({"params": params}, xt, 999.0 * t), axis=-1)
+
+        exp.compiled["classifier"] = jax.jit(predict)
+    predict = exp.compiled["classifier"]
+    times = CLASSIFIER_TIMES if getattr(exp.net, "noise_conditional", True) else (0.0,)
+    out = {}
+    for t in times:
+        correct = 0
+        for start in range(0, n, bs):
+            x = data["x"][start:start + bs]
+            pad = np.pad(x, [(0, bs - len(x))] + [(0, 0)] * (x.ndim - 1))
+            key = jax.random.fold_in(exp.key("classifier_eval"), start)
+            pred = np.asarray(predict(params, pad, np.full((bs,), t, np.float32), key))[:len(x)]
+            correct += int(np.sum(pred == data["label"][start:start + bs]))
+        out[f"accuracy_t{t:g}"] = correct / n
+    return out
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluates the latest checkpoint; appends one JSON line to `<workdir>/eval.jsonl`.
 
@@ -79,11 +112,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "eval_loss": eval_loss(exp, state.ema_params, exp.eval.num_batches,
                                      exp.key("eval")),
               "eval_split_examples": len(exp.dataset.eval)}
-    if exp.eval.enable_bpd:
+    if exp.is_classifier:
+        record.update(classifier_accuracy(exp, state.ema_params))
+    elif exp.eval.enable_bpd:
         record.update(eval_likelihood(exp, state.ema_params, mesh))
-    if not exp.dataset.is_image:
+    if not exp.dataset.is_image and not exp.is_classifier:
         record.update(sample_distances(exp, state.ema_params, mesh))
-    if extractor is not None:
+    if extractor is not None and not exp.is_classifier:
         record.update(eval_sample_quality(exp, state.ema_params, mesh, workdir, extractor))
     record["seconds"] = round(time.time() - t0, 2)
     if jax.process_index() == 0:

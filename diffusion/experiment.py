@@ -29,6 +29,7 @@ import optax
 
 from diffusion import datasets, defaults, likelihood, losses, models
 from diffusion import sde as sde_lib
+from diffusion.guidance import TASKS
 from diffusion.models import parameterization
 from diffusion.sampling import CORRECTORS, PREDICTORS, SAMPLERS, ode
 from diffusion.train_state import create_optimizer
@@ -41,7 +42,9 @@ SAMPLER_KEYS = {
     "dpm_solver": ("steps", "order"),
     "edm": ("steps", "rho", "s_churn"),
 }
-_SAMPLING_SHARED = ("method", "eps", "noise_removal", "batch_size", "num_samples")
+_SAMPLING_SHARED = ("method", "eps", "noise_removal", "batch_size", "num_samples", "labels",
+                    "guidance", "guidance_weight", "classifier_workdir", "task", "task_input",
+                    "mask", "sr_factor")
 # What each loss reads from config.training (the other training keys drive the loop).
 _LOSS_KEYS = {True: ("reduce_mean", "likelihood_weighting", "eps"), False: ("reduce_mean",)}
 
@@ -71,6 +74,35 @@ class TrainSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class GuideSettings:
+    """Controllable generation (`diffusion.guidance`): labels, guidance and the task."""
+
+    labels: str = ""
+    guidance: str = "none"
+    weight: float = 0.0
+    classifier_workdir: str = ""
+    task: str = "none"
+    task_input: str = "eval"
+    mask: str = "right_half"
+    sr_factor: int = 2
+
+    @property
+    def tag(self) -> str:
+        """The sample files' name prefix: '' for plain samples, else e.g. 'cfg_w3_' or
+        'inpaint_'."""
+        parts = []
+        if self.guidance == "cfg":
+            parts.append(f"cfg_w{self.weight:g}")
+        elif self.guidance == "classifier":
+            parts.append(f"classifier_s{self.weight:g}")
+        if self.task == "super_resolve":
+            parts.append(f"super_resolve_x{self.sr_factor}")
+        elif self.task != "none":
+            parts.append(self.task)
+        return "".join(p + "_" for p in parts)
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingSettings:
     """A sampler and its arguments: `SAMPLERS[method](key, sde, score_fn, shape, **kwargs)`.
 
@@ -82,6 +114,7 @@ class SamplingSettings:
     pc_levels: int
     batch_size: int
     num_samples: int
+    guide: GuideSettings = GuideSettings()
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -138,6 +171,12 @@ class Experiment:
     def conditional(self) -> bool:
         return self.num_classes is not None
 
+    @property
+    def is_classifier(self) -> bool:
+        """A noise-conditional classifier (model.name = "classifier", for classifier guidance):
+        trained like a score model, evaluated by accuracy, nothing to sample."""
+        return self.score_model is None
+
     def key(self, purpose: str) -> jax.Array:
         """A PRNG key per purpose ("init", "train", "sample", "eval", ...): independent streams."""
         return jax.random.fold_in(jax.random.key(self.seed), zlib.crc32(purpose.encode()) >> 1)
@@ -152,14 +191,21 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False) -
     """
     for note in check_config(config):
         print(f"note: {note}", flush=True)
-    score_model = models.get_score_model(config)
-    sde = score_model.sde
     t = config.training
-    # Mixed precision is for training: sampling and likelihoods use the float32 network.
-    loss_fn = losses.get_loss_fn(
-        sde, dataclasses.replace(score_model, compute_dtype=t.compute_dtype),
-        continuous=t.continuous, reduce_mean=t.reduce_mean,
-        likelihood_weighting=t.likelihood_weighting, eps=t.eps)
+    if config.model.name == "classifier":
+        score_model, net, sde = None, models.get_model(config), sde_lib.get_sde(**config.sde)
+        loss_fn = losses.make_classifier_loss(sde, net, eps=t.eps)
+    else:
+        score_model = models.get_score_model(config)
+        net, sde = score_model.net, score_model.sde
+        # Mixed precision is for training: sampling and likelihoods use the float32 network.
+        loss_fn = losses.get_loss_fn(
+            sde, dataclasses.replace(score_model, compute_dtype=t.compute_dtype),
+            continuous=t.continuous, reduce_mean=t.reduce_mean,
+            likelihood_weighting=t.likelihood_weighting, eps=t.eps)
+    if score_model is not None and config.model.get("num_classes") is not None:
+        loss_fn = losses.with_label_dropout(loss_fn, config.model.label_dropout,
+                                            config.model.num_classes)
     o = config.optim
     tx = create_optimizer(o.lr, o.warmup, o.grad_clip, o.beta1, o.beta2, o.eps, o.weight_decay)
     dataset = datasets.get_dataset(config, shape_only=shape_only_data)
@@ -171,7 +217,7 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False) -
     description = (f"model {m.name}{' (remat)' if m.get('remat') else ''}, {t.compute_dtype} "
                    f"compute; SDE {config.sde.name}; data {d.dataset} {dataset.data_shape}")
     return Experiment(
-        sde=sde, net=score_model.net, score_model=score_model, loss_fn=loss_fn, tx=tx,
+        sde=sde, net=net, score_model=score_model, loss_fn=loss_fn, tx=tx,
         dataset=dataset, num_classes=m.get("num_classes"), seed=config.seed,
         data=DataSettings(d.centered, d.uniform_dequantization, d.random_flip,
                           d.num_workers),
@@ -206,8 +252,10 @@ def sampling_settings(s: ml_collections.ConfigDict) -> SamplingSettings:
         else:
             kwargs[{"n_steps_each": "n_corrector_steps", "ode_solver": "method"}.get(key, key)] = (
                 s[key])
+    guide = GuideSettings(s.labels, s.guidance, float(s.guidance_weight), s.classifier_workdir,
+                          s.task, s.task_input, s.mask, int(s.sr_factor))
     return SamplingSettings(s.method, tuple(sorted(kwargs.items())),
-                            s.steps if s.method == "pc" else 0, s.batch_size, s.num_samples)
+                            s.steps if s.method == "pc" else 0, s.batch_size, s.num_samples, guide)
 
 
 def _eval_settings(config: ml_collections.ConfigDict) -> EvalSettings:
@@ -247,8 +295,8 @@ def _unknown_and_unused_keys(config) -> tuple[list[str], list[str]]:
     for section in ("data", "training", "optim", "eval"):
         if section in config:
             problems += _check_section(config, base, section, used=None, owner="")[0]
-    if "model" in config and config.model.name in models.MODELS:
-        net = models.MODELS[config.model.name]
+    if "model" in config and config.model.name in models.NETWORKS:
+        net = models.NETWORKS[config.model.name]
         problems += sum(_check_section(
             config, base, "model", used=models.network_fields(net) | set(models.SHARED_KEYS),
             owner=f"network {config.model.name!r} ({net.__name__})"), [])
@@ -260,7 +308,8 @@ def _unknown_and_unused_keys(config) -> tuple[list[str], list[str]]:
         unknown, unused = _check_section(
             config, base, "sampling", used={*SAMPLER_KEYS[config.sampling.method],
                                             *_SAMPLING_SHARED},
-            owner=f"sampler {config.sampling.method!r}")
+            owner=f"sampler {config.sampling.method!r}",
+            listed=set(SAMPLER_KEYS[config.sampling.method]))
         problems += unknown
         notes += unused
     if "training" in config:
@@ -272,10 +321,11 @@ def _unknown_and_unused_keys(config) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
-def _check_section(config, base, section: str, used: set[str] | None,
-                   owner: str) -> tuple[list[str], list[str]]:
+def _check_section(config, base, section: str, used: set[str] | None, owner: str,
+                   listed: set[str] | None = None) -> tuple[list[str], list[str]]:
     """(unknown, unused): keys of config[section] unknown to the defaults and to `used`; and,
-    when `used` is given, keys whose value differs from the default but are not in `used`."""
+    when `used` is given, keys whose value differs from the default but are not in `used`
+    (the message lists `listed`, default `used`, as what the owner reads)."""
     got, default = config[section], base[section]
     known = set(default) | (used or set())
     unknown, unused = [], []
@@ -285,8 +335,10 @@ def _check_section(config, base, section: str, used: set[str] | None,
             unknown.append(f"unknown key {section}.{k}{takes}; the shared keys are "
                            f"{sorted(default)} (diffusion/defaults.py)")
         elif used is not None and k not in used and _differs(got[k], default[k]):
+            reads = sorted((used if listed is None else listed) & known)
             unused.append(f"{section}.{k}={got[k]!r} is set but not used by {owner}, which "
-                          f"reads {sorted(used & known)}")
+                          f"reads {reads}" + (" and the shared keys" if listed is not None
+                                              else ""))
     return unknown, unused
 
 
@@ -366,4 +418,73 @@ def _name_problems(config) -> list[str]:
     if (s.method == "pc" and s.predictor in _NONE_NAMES and s.corrector in _NONE_NAMES):
         problems.append("sampling.predictor and sampling.corrector are both 'none': the PC "
                         "sampler needs at least one")
+    return problems + _guidance_problems(config)
+
+
+GUIDANCE = ("none", "cfg", "classifier")
+MASKS = ("right_half", "bottom_half", "center", "random")
+
+
+def _guidance_problems(config) -> list[str]:
+    s, m, d = config.sampling, config.model, config.data
+    num_classes = m.get("num_classes")
+    problems = []
+    if m.name == "classifier":
+        if num_classes is None:
+            problems.append("model.name='classifier' needs model.num_classes")
+        if config.training.snapshot_sampling:
+            problems.append("a classifier has nothing to sample: set "
+                            "training.snapshot_sampling=False")
+    if not 0.0 <= m.label_dropout < 1.0:
+        problems.append(f"model.label_dropout must be in [0, 1), got {m.label_dropout}")
+    elif m.label_dropout > 0 and num_classes is None:
+        problems.append("model.label_dropout > 0 drops labels of a class-conditional model: set "
+                        "model.num_classes too")
+    if s.guidance not in GUIDANCE:
+        problems.append(f"sampling.guidance={s.guidance!r} is not one of {list(GUIDANCE)}")
+    elif s.guidance == "cfg" and num_classes is None:
+        problems.append("sampling.guidance='cfg' needs a class-conditional model trained with "
+                        "label dropout (model.num_classes, model.label_dropout > 0)")
+    elif s.guidance == "classifier" and not s.classifier_workdir:
+        problems.append("sampling.guidance='classifier' needs sampling.classifier_workdir, the "
+                        "workdir of a trained noise-conditional classifier (e.g. "
+                        "experiments/digits_classifier.py)")
+    if s.guidance_weight < 0:
+        problems.append(f"sampling.guidance_weight must be >= 0, got {s.guidance_weight}")
+    if s.labels and num_classes is None and s.guidance != "classifier":
+        problems.append(f"sampling.labels={s.labels!r} needs a class-conditional model "
+                        f"(model.num_classes) or sampling.guidance='classifier'")
+    elif s.labels:
+        try:
+            parse_labels(s.labels, num_classes or 10**9)
+        except ValueError as e:
+            problems.append(str(e))
+    if s.task not in ("none", *TASKS):
+        problems.append(f"sampling.task={s.task!r} is not one of {['none', *TASKS]}")
+    elif s.task == "colorize" and d.num_channels != 3:
+        problems.append(f"sampling.task='colorize' needs colour images (data.num_channels=3), "
+                        f"got {d.num_channels} channel(s)")
+    elif s.task == "super_resolve" and (s.sr_factor < 2 or d.image_size % s.sr_factor):
+        problems.append(f"sampling.sr_factor={s.sr_factor} must be >= 2 and divide "
+                        f"data.image_size={d.image_size}")
+    if s.task == "inpaint" and s.mask not in MASKS:
+        problems.append(f"sampling.mask={s.mask!r} is not one of {list(MASKS)}")
     return problems
+
+
+def parse_labels(text: str, num_classes: int) -> list[int] | None:
+    """sampling.labels -> the labels to cycle through: "3,3,7" -> [3, 3, 7], "all" -> 0..K-1,
+    "" -> None (uniformly random)."""
+    if not text:
+        return None
+    if text == "all":
+        return list(range(num_classes))
+    try:
+        labels = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"sampling.labels={text!r} must be 'all' or comma-separated class "
+                         f"numbers such as '3,3,7'") from None
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if bad:
+        raise ValueError(f"sampling.labels has {bad}, outside the classes 0..{num_classes - 1}")
+    return labels

@@ -9,6 +9,7 @@ The sampler and its arguments come from `exp.sampling` (`experiment.SamplingSett
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -20,8 +21,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion import datasets, files, plotting
-from diffusion.experiment import Experiment, SamplingSettings, build
+from diffusion import datasets, files, guidance, losses, plotting
+from diffusion.experiment import Experiment, GuideSettings, SamplingSettings, build, parse_labels
 from diffusion.models import parameterization
 from diffusion.parallel import DATA_AXIS, data_mesh, map_over_batch, replicated_batch, to_host
 from diffusion.sampling import get_sampler
@@ -29,10 +30,13 @@ from diffusion.train_state import restore_latest
 
 
 def make_sampler(exp: Experiment, settings: SamplingSettings, batch_size: int,
-                 mesh: Mesh) -> Callable:
-    """A jitted `(params, key, y) -> (samples (batch_size, *data_shape), nfe (n_devices,))`.
+                 mesh: Mesh, classifier=None) -> Callable:
+    """A jitted `(params, key, batch) -> (samples (batch_size, *data_shape), nfe (n_devices,))`.
 
-    The batch is split over the mesh's devices; device i samples with fold_in(key, i).
+    params = (score params, classifier params or None); batch = {"y": labels (B,), "cond":
+    the task's conditioning (B, ...), "mask": (B, ...)}, split over the mesh's devices; device i
+    samples with fold_in(key, i). Labels and guidance (`settings.guide`) select the score
+    (`diffusion.guidance`); a task (inpaint / colorize / super_resolve) the conditional sampler.
     For the pc sampler, `settings.pc_levels` > 0 sets the number of steps: the sampler then runs
     on the SDE's discrete chain with that many levels (N), which the reverse-diffusion /
     ancestral predictors and the ALD corrector step through one level at a time.
@@ -40,11 +44,15 @@ def make_sampler(exp: Experiment, settings: SamplingSettings, batch_size: int,
     sampler, kwargs = get_sampler(settings.method), settings.kwargs
     sde = dataclasses.replace(exp.sde, N=settings.pc_levels) if settings.pc_levels else exp.sde
     local_shape = (batch_size // mesh.devices.size, *exp.dataset.data_shape)
+    g = settings.guide
 
-    def device_sample(params, key, y):
+    def device_sample(params, key, batch):
         key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
-        score_fn = parameterization.score_fn_from_model(exp.score_model, params, y=y)
-        x, nfe = sampler(key, sde, score_fn, local_shape, **kwargs)
+        score_fn = _score_fn(exp, g, *params, batch["y"], classifier)
+        if g.task == "none":
+            x, nfe = sampler(key, sde, score_fn, local_shape, **kwargs)
+        else:
+            x, nfe = _task_sample(key, sde, score_fn, batch, g, settings.method, kwargs)
         # The adaptive ODE solver may take a different number of steps on each device: NFE
         # comes back per device, and the caller reports the largest.
         return x, jnp.reshape(nfe, (1,))
@@ -52,71 +60,267 @@ def make_sampler(exp: Experiment, settings: SamplingSettings, batch_size: int,
     return map_over_batch(device_sample, mesh)
 
 
-def sample_batches(exp: Experiment, params, mesh: Mesh, num: int, key: jax.Array
+def _score_fn(exp: Experiment, g: GuideSettings, params, classifier_params, y, classifier):
+    """The score the sampler follows: the model's (conditioned on y if it is conditional),
+    classifier-free guided, or classifier guided."""
+    model = exp.score_model
+    if g.guidance == "cfg":
+        return guidance.cfg_score_fn(lambda x, t, labels: model(params, x, t, y=labels),
+                                     y, g.weight, exp.num_classes)
+    if g.guidance == "classifier":
+        null = jnp.full_like(y, exp.num_classes) if exp.conditional else None
+        base = parameterization.score_fn_from_model(model, params, y=null)
+        log_prob = losses.classifier_log_prob_fn(classifier, classifier_params)
+        return guidance.classifier_score_fn(base, log_prob, y, g.weight)
+    return parameterization.score_fn_from_model(model, params,
+                                                y=y if exp.conditional else None)
+
+
+def _task_sample(key, sde, score_fn, batch, g: GuideSettings, method: str, kwargs: dict):
+    kwargs = dict(kwargs)
+    steps = sde.N if method == "pc" else kwargs.pop("steps", None)
+    if g.task == "inpaint":
+        return guidance.inpaint_sample(key, sde, score_fn, batch["cond"], batch["mask"], steps,
+                                       sampler=method, **kwargs)
+    if g.task == "colorize":
+        return guidance.colorize_sample(key, sde, score_fn, batch["cond"], steps,
+                                        sampler=method, **kwargs)
+    return guidance.super_resolve_sample(key, sde, score_fn, batch["cond"], g.sr_factor, steps,
+                                         sampler=method, **kwargs)
+
+
+def load_classifier(workdir: str, mesh: Mesh):
+    """(network, EMA params) of the classifier experiment trained in `workdir` (its config.json
+    and latest checkpoint)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"sampling.classifier_workdir={workdir} has no config.json: train "
+                                f"a classifier there first (experiments/digits_classifier.py).")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    exp = build(config, shape_only_data=True)
+    if not exp.is_classifier:
+        raise ValueError(f"sampling.classifier_workdir={workdir} holds a {exp.description} "
+                         f"run, not a classifier (model.name='classifier').")
+    return exp.net, restore_latest(exp, workdir, mesh).ema_params
+
+
+def sample_batches(exp: Experiment, params, mesh: Mesh, num: int, key: jax.Array,
+                   cond: dict[str, np.ndarray] | None = None
                    ) -> Iterator[tuple[np.ndarray, int]]:
     """Yields (samples (b, *data_shape) in data space, NFE) in batches of sampling.batch_size,
     `num` samples in all (the last batch cut to size); batch i uses fold_in(key, i).
 
-    A class-conditional model samples labels uniformly at random (fold_in(key_i, 1)).
+    Labels: `sampling.labels` cycled over the samples, else (a class-conditional model) uniformly
+    random (fold_in(key_i, 1)); `sample_labels` gives them. `cond`: the task's conditioning
+    arrays, `num` rows each (`task_inputs`); without it any task is ignored (FID, snapshots).
     With several processes every process must call this alike (the sampler is one program over
     all devices); each gets all samples.
     """
     s = exp.sampling
+    if cond is None and s.guide.task != "none":
+        s = dataclasses.replace(s, guide=dataclasses.replace(s.guide, task="none"))
     bs = s.batch_size
+    classifier, classifier_params = None, None
+    if s.guide.guidance == "classifier":
+        if ("classifier", s.guide.classifier_workdir) not in exp.compiled:
+            exp.compiled[("classifier", s.guide.classifier_workdir)] = load_classifier(
+                s.guide.classifier_workdir, mesh)
+        classifier, classifier_params = exp.compiled[("classifier", s.guide.classifier_workdir)]
     cache_key = ("sampler", s, mesh)
     if cache_key not in exp.compiled:
-        exp.compiled[cache_key] = make_sampler(exp, s, bs, mesh)
+        exp.compiled[cache_key] = make_sampler(exp, s, bs, mesh, classifier)
     sampler = exp.compiled[cache_key]
+    labels = sample_labels(exp, num, key)
     for i in range(math.ceil(num / bs)):
         k = jax.random.fold_in(key, i)
-        y = (np.asarray(jax.random.randint(jax.random.fold_in(k, 1), (bs,), 0, exp.num_classes))
-             if exp.conditional else np.zeros((bs,), np.int32))
-        x, nfe = sampler(params, k, replicated_batch(y, mesh))
+        rows = np.minimum(np.arange(i * bs, (i + 1) * bs), num - 1)   # the last batch padded
+        batch = {"y": labels[rows], "cond": np.zeros((bs, 1), np.float32),
+                 "mask": np.zeros((bs, 1), np.float32)}
+        if cond is not None:
+            batch.update({name: array[rows] for name, array in cond.items()})
+        x, nfe = sampler((params, classifier_params), k,
+                         jax.tree.map(lambda a: replicated_batch(a, mesh), batch))
         yield to_host(x)[:num - i * bs], int(np.max(to_host(nfe)))
 
 
-def draw_samples(exp: Experiment, params, mesh: Mesh, num: int, key: jax.Array
-                 ) -> tuple[np.ndarray, int]:
+def sample_labels(exp: Experiment, num: int, key: jax.Array) -> np.ndarray:
+    """The (num,) labels of `sample_batches`: sampling.labels cycled, or uniformly random for a
+    class-conditional model (zeros, unused, for an unconditional one)."""
+    classes = exp.num_classes or (exp.dataset.num_classes or 0)
+    listed = parse_labels(exp.sampling.guide.labels, classes)
+    if listed is not None:
+        return np.resize(np.asarray(listed, np.int32), num)
+    if exp.conditional:
+        bs = exp.sampling.batch_size
+        keys = [jax.random.fold_in(jax.random.fold_in(key, i), 1)
+                for i in range(math.ceil(num / bs))]
+        return np.concatenate([np.asarray(jax.random.randint(k, (bs,), 0, exp.num_classes))
+                               for k in keys])[:num].astype(np.int32)
+    return np.zeros((num,), np.int32)
+
+
+def draw_samples(exp: Experiment, params, mesh: Mesh, num: int, key: jax.Array,
+                 cond: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, int]:
     """`num` samples (num, *data_shape) in data space, in batches of sampling.batch_size."""
     out, nfes = [], [0]
-    for x, nfe in sample_batches(exp, params, mesh, num, key):
+    for x, nfe in sample_batches(exp, params, mesh, num, key, cond):
         out.append(x)
         nfes.append(nfe)
     return np.concatenate(out), max(nfes)
 
 
-def save_samples_png(path: str, samples: np.ndarray, exp: Experiment, title: str) -> None:
+def save_samples_png(path: str, samples: np.ndarray, exp: Experiment, title: str,
+                     ncol: int | None = None) -> None:
     """An image grid of image samples, or a scatter plot over eval data of 2-D samples."""
     if exp.dataset.is_image:
-        plotting.save_image_grid(path, datasets.inverse_scaler(exp.data.centered)(samples))
+        plotting.save_image_grid(path, datasets.inverse_scaler(exp.data.centered)(samples), ncol)
     else:
         ref = np.stack([exp.dataset.eval[i]["x"] for i in range(min(len(exp.dataset.eval), 5000))])
         plotting.save_scatter(path, samples, ref[:, :2] if ref.shape[1] > 2 else ref, title=title)
 
 
+def task_inputs(exp: Experiment, num: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The conditioning of `sampling.task` for `num` samples, and the originals it came from
+    (None when read from a file).
+
+    sampling.task_input "eval": the first `num` images of the eval split, measured (masked,
+    turned grey, or average-pooled by sampling.sr_factor). A .npz file (array "images", uint8 in
+    [0, 255] or float in [0, 1], (N, h, w, c)) or a .png image: the measurement itself (the
+    low-resolution images for super_resolve, grey or colour images for colorize, whole images
+    for inpaint, masked by sampling.mask), used in turn for the `num` samples.
+    """
+    g, shape = exp.sampling.guide, exp.dataset.data_shape
+    h, w, c = shape
+    scale = datasets.data_scaler(exp.data.centered)
+    if g.task_input == "eval":
+        n = min(num, len(exp.dataset.eval))
+        originals = datasets.examples_at(exp.dataset, "eval", np.arange(num) % n, seed=exp.seed,
+                                         centered=exp.data.centered)["x"]
+        measured = {"inpaint": lambda x: x, "colorize": lambda x: x.mean(-1, keepdims=True),
+                    "super_resolve": lambda x: np.asarray(guidance.downsample(x, g.sr_factor))}
+        cond = measured[g.task](originals)
+    else:
+        originals = None
+        cond = scale(_read_images(g.task_input))
+        expected = {"inpaint": (h, w, (c,)), "colorize": (h, w, (1, c)),
+                    "super_resolve": (h // g.sr_factor, w // g.sr_factor, (c,))}[g.task]
+        if cond.shape[1:3] != expected[:2] or cond.shape[3] not in expected[2]:
+            channels = " or ".join(map(str, expected[2]))
+            raise ValueError(f"sampling.task_input={g.task_input} holds images of shape "
+                             f"{cond.shape[1:]}; sampling.task={g.task!r} needs "
+                             f"{expected[0]}x{expected[1]} with {channels} channel(s).")
+        if g.task == "colorize":
+            cond = cond.mean(-1, keepdims=True)
+        cond = cond[np.arange(num) % len(cond)]
+    out = {"cond": np.asarray(cond, np.float32)}
+    if g.task == "inpaint":
+        out["mask"] = np.broadcast_to(inpaint_mask(g.mask, h, w, exp.key("mask")),
+                                      (num, h, w, 1)).astype(np.float32)
+    return out, originals
+
+
+def inpaint_mask(kind: str, h: int, w: int, key: jax.Array) -> np.ndarray:
+    """(h, w, 1) mask, 1 = known: `kind` names the part to fill in."""
+    mask = np.ones((h, w, 1), np.float32)
+    if kind == "right_half":
+        mask[:, w // 2:] = 0
+    elif kind == "bottom_half":
+        mask[h // 2:] = 0
+    elif kind == "center":
+        mask[h // 4:h - h // 4, w // 4:w - w // 4] = 0
+    elif kind == "random":
+        mask = np.asarray(jax.random.bernoulli(key, 0.5, (h, w, 1)), np.float32)
+    else:
+        raise ValueError(f"Unknown inpainting mask {kind!r}.")
+    return mask
+
+
+def _read_images(path: str) -> np.ndarray:
+    """Images (N, h, w, c) in [0, 1] from a .npz (array "images") or an image file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"sampling.task_input={path} does not exist (give 'eval', a .npz "
+                                f"with an array 'images', or a .png).")
+    if path.endswith(".npz"):
+        with np.load(path) as f:
+            if "images" not in f:
+                raise ValueError(f"{path} has arrays {list(f)}; sampling.task_input needs one "
+                                 f"called 'images' (N, h, w, c).")
+            images = f["images"]
+    else:
+        from PIL import Image
+
+        images = np.asarray(Image.open(path))[None]
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0
+    images = images.astype(np.float32)
+    if images.min() < 0 or images.max() > 1:
+        raise ValueError(f"{path}: float images must lie in [0, 1] (uint8 in [0, 255]).")
+    return images
+
+
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Samples `sampling.num_samples` from the latest EMA checkpoint.
 
-    Writes `<workdir>/samples/step_<N>.npz` (array `samples` in data space, shaped like the data,
-    and `nfe`) and `step_<N>.png` next to it (an image grid, or a scatter plot for 2-D data).
-    Existing files are replaced only once the new samples are complete. Returns the .npz path.
+    Writes `<workdir>/samples/<tag>step_<N>.npz` (array `samples` in data space, shaped like
+    the data, `nfe`, `labels`; for a task also `cond`, the conditioning, and `originals` when
+    taken from the eval split) and a .png next to it: an image grid (one column per class when
+    sampling.labels="all"; for a task, rows of conditioning, samples and originals), or a
+    scatter plot for 2-D data. <tag> is empty for plain samples, else e.g. "cfg_w3_" or
+    "inpaint_" (`GuideSettings.tag`). Existing files are replaced only once the new samples are
+    complete. Returns the .npz path.
     """
-    exp = build(config, shape_only_data=True)
+    exp = build(config, shape_only_data=config.sampling.task == "none"
+                or config.sampling.task_input != "eval")
+    if exp.is_classifier:
+        raise ValueError("This is a classifier experiment: it has nothing to sample. Use its "
+                         "workdir as sampling.classifier_workdir of a score model's run.")
     mesh = data_mesh()
     state = restore_latest(exp, workdir, mesh)
     step = int(state.step)
+    g, num = exp.sampling.guide, exp.sampling.num_samples
+    cond, originals = task_inputs(exp, num) if g.task != "none" else (None, None)
     t0 = time.time()
-    samples, nfe = draw_samples(exp, state.ema_params, mesh, exp.sampling.num_samples,
-                                exp.key("sample"))
+    samples, nfe = draw_samples(exp, state.ema_params, mesh, num, exp.key("sample"), cond)
     elapsed = time.time() - t0
     if not np.all(np.isfinite(samples)):
         raise FloatingPointError(f"Sampling produced non-finite values (step {step}, sampler "
                                  f"{exp.sampling.method}); nothing was written.")
-    path = os.path.join(workdir, "samples", f"step_{step}.npz")
+    path = os.path.join(workdir, "samples", f"{g.tag}step_{step}.npz")
     if jax.process_index() == 0:
-        files.atomic_savez(path, samples=samples, nfe=nfe)
-        save_samples_png(path[:-4] + ".png", samples, exp,
-                         f"step {step}, {exp.sampling.method}, NFE {nfe}")
+        arrays = dict(samples=samples, nfe=nfe, labels=sample_labels(exp, num, exp.key("sample")))
+        if cond is not None:
+            arrays["cond"] = cond["cond"]
+            if originals is not None:
+                arrays["originals"] = originals
+        files.atomic_savez(path, **arrays)
+        title = f"step {step}, {exp.sampling.method}, NFE {nfe}"
+        if g.task != "none":
+            save_task_png(path[:-4] + ".png", exp, samples, cond, originals)
+        else:
+            ncol = exp.num_classes if g.labels == "all" and exp.num_classes else None
+            save_samples_png(path[:-4] + ".png", samples, exp, title, ncol)
         print(f"wrote {len(samples)} samples (NFE {nfe}, {elapsed:.1f} s) to {path} and "
               f"{path[:-4]}.png", flush=True)
     return path
+
+
+def save_task_png(path: str, exp: Experiment, samples, cond, originals, columns: int = 8):
+    """Rows: the conditioning as an image (unknown pixels black / grey / upsampled), the
+    samples, and the originals when known; `columns` examples."""
+    g = exp.sampling.guide
+    n = min(columns, len(samples))
+    c = samples.shape[-1]
+    known = cond["cond"][:n]
+    if g.task == "inpaint":
+        low = -1.0 if exp.data.centered else 0.0
+        shown = known * cond["mask"][:n] + low * (1 - cond["mask"][:n])
+    elif g.task == "colorize":
+        shown = np.broadcast_to(known, (*known.shape[:-1], c))
+    else:
+        shown = np.asarray(guidance.upsample(known, g.sr_factor))
+    rows = [shown, samples[:n]] + ([originals[:n]] if originals is not None else [])
+    images = datasets.inverse_scaler(exp.data.centered)(np.concatenate(rows))
+    plotting.save_image_grid(path, images, ncol=n)

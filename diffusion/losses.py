@@ -145,6 +145,53 @@ def make_smld_loss(sde: SDE, score_model: Callable, *, reduce_mean: bool = False
     return loss_fn
 
 
+def with_label_dropout(loss_fn: LossFn, p: float, null_label: int) -> LossFn:
+    """Training for classifier-free guidance (Ho & Salimans 2022): each example's label is
+    replaced by the null label (`null_label` = model.num_classes) with probability p, so that one
+    network learns the conditional and the unconditional score. The decision comes from the
+    example's own key (fold_in(key, 1)), independent of its noise draws."""
+    if p == 0:
+        return loss_fn
+
+    def dropped(params, batch, key):
+        keys = _per_example_keys(key, batch["x"].shape[0])
+        drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 1), p))(keys)
+        labels = jnp.where(drop, null_label, batch["label"]).astype(batch["label"].dtype)
+        return loss_fn(params, dict(batch, label=labels), keys)
+
+    return dropped
+
+
+def make_classifier_loss(sde: SDE, net, *, eps: float = 1e-5) -> LossFn:
+    """Cross-entropy of a noise-conditional classifier on perturbed data (Song et al. 2021,
+    app. I.1): x_t = alpha(t) x_0 + sigma(t) z with t ~ U(eps, T), the network told 999 t (as
+    the continuous score networks). A network with noise_conditional=False is trained on clean
+    data (t = 0). Per-example losses (B,); batch["label"] holds the classes."""
+    noisy = getattr(net, "noise_conditional", True)
+
+    def loss_fn(params, batch, key):
+        x0, labels = batch["x"], batch["label"]
+        z, u, dropout_rng = _draw(key, x0)
+        t = eps + u * (sde.T - eps) if noisy else jnp.zeros_like(u)
+        alpha, sigma = sde.marginal_coeffs(t)
+        xt = batch_broadcast(alpha, x0) * x0 + batch_broadcast(sigma, x0) * z
+        logits = net.apply({"params": params}, xt, 999.0 * t, train=True,
+                           rngs={"dropout": dropout_rng})
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+    return loss_fn
+
+
+def classifier_log_prob_fn(net, params) -> Callable[[Array, Array], Array]:
+    """log p_t(y | x) of a classifier trained by `make_classifier_loss`: (x, t) -> (B, K)."""
+
+    def log_prob(x, t):
+        return jax.nn.log_softmax(net.apply({"params": params}, x, 999.0 * t, train=False), -1)
+
+    return log_prob
+
+
 def get_loss_fn(sde: SDE, score_model: Callable, *, continuous: bool = True,
                 reduce_mean: bool = True, likelihood_weighting: bool = False,
                 eps: float = 1e-5) -> LossFn:

@@ -35,7 +35,7 @@ def _files(workdir) -> dict:
     ("sde.name", "vpp", r"Unknown SDE 'vpp': config\.sde\.name must be one of \['cosine_vpsde', "
                         r"'subvpsde', 'vesde', 'vpsde'\]"),
     ("model.name", "resnet", r"Unknown model 'resnet': config\.model\.name must be one of "
-                             r"\['ddpmpp', 'mlp', 'ncsnpp', 'unet'\]"),
+                             r"\['classifier', 'ddpmpp', 'mlp', 'ncsnpp', 'unet'\]"),
     ("sampling.method", "magic", r"Unknown sampler 'magic': config\.sampling\.method must be "
                                  r"one of \['ddim', 'dpm_solver', 'edm', 'ode', 'pc'\]"),
     ("data.dataset", "no_such_dataset_xyz", r"Unknown dataset 'no_such_dataset_xyz': it is "

@@ -301,7 +301,8 @@ def test_get_model_passes_only_fields_and_tuples():
 
 def test_get_model_unknown_name():
     with pytest.raises(ValueError, match=r"Unknown model 'resnet': config.model.name must be one "
-                                         r"of \['ddpmpp', 'mlp', 'ncsnpp', 'unet'\]"):
+                                         r"of \['classifier', 'ddpmpp', 'mlp', 'ncsnpp', "
+                                         r"'unet'\]"):
         models.get_model(_config(name="resnet"))
 
 

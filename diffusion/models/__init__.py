@@ -16,6 +16,7 @@ import flax.linen as nn
 
 from diffusion import sde as sde_lib
 
+from .classifier import NoiseConditionalClassifier as NoiseConditionalClassifier
 from .layers import AttnBlock as AttnBlock
 from .layers import Downsample as Downsample
 from .layers import GaussianFourierProjection as GaussianFourierProjection
@@ -37,11 +38,14 @@ MODELS: dict[str, type[nn.Module]] = {
     "ncsnpp": NCSNpp,
     "ddpmpp": NCSNpp,
 }
+# Networks that are not score networks: the noise-conditional classifier of classifier guidance.
+CLASSIFIERS: dict[str, type[nn.Module]] = {"classifier": NoiseConditionalClassifier}
+NETWORKS = {**MODELS, **CLASSIFIERS}
 
 
 # config.model keys that are not network fields: read by get_score_model and the training loop.
 SHARED_KEYS = ("name", "ema_rate", "ema_warmup", "parameterization", "noise_input", "scale_input",
-               "scale_by_sigma")
+               "scale_by_sigma", "label_dropout")
 # Network fields with a shared default in every config (diffusion/defaults.py), passed to the
 # networks that have them; `experiment.check_config` refuses a changed value for one that does not.
 OPTIONAL_FIELDS = ("num_classes", "remat")
@@ -60,10 +64,10 @@ def get_model(config) -> nn.Module:
     naming it and the valid fields. Lists become tuples.
     """
     name = config.model.name
-    if name not in MODELS:
+    if name not in NETWORKS:
         raise ValueError(f"Unknown model {name!r}: config.model.name must be one of "
-                         f"{sorted(MODELS)}.")
-    cls = MODELS[name]
+                         f"{sorted(NETWORKS)}.")
+    cls = NETWORKS[name]
     fields = network_fields(cls)
     unknown = sorted(k for k in config.model
                      if k not in fields and k not in SHARED_KEYS + OPTIONAL_FIELDS)

@@ -13,6 +13,7 @@ from diffusion.sampling.ode import ode_sample as ode_sample
 from diffusion.sampling.pc import CORRECTORS as CORRECTORS
 from diffusion.sampling.pc import PREDICTORS as PREDICTORS
 from diffusion.sampling.pc import pc_sample as pc_sample
+from diffusion.sampling.pc import pc_step_fn as pc_step_fn
 from diffusion.sampling.registry import SAMPLERS as SAMPLERS
 from diffusion.sampling.registry import get_sampler as get_sampler
 from diffusion.sampling.solvers import ddim_sample as ddim_sample

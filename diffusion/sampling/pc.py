@@ -23,6 +23,7 @@ only through alpha_i = 1 - beta_i (below) and is valid on any grid, as is "euler
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -210,7 +211,8 @@ def _check_discrete_grid(sde: SDE, predictor: str, n_steps: int, eps: float | No
 def pc_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
               predictor: str | None = "euler_maruyama", corrector: str | None = None,
               snr: float = 0.16, n_corrector_steps: int = 1, n_steps: int | None = None,
-              eps: float = 1e-3, denoise: bool = True) -> tuple[Array, int]:
+              eps: float = 1e-3, denoise: bool = True,
+              condition: Callable | None = None) -> tuple[Array, int]:
     """Predictor-corrector sampling from the prior at T down to time ~0 (Song et al. Alg. 1-3).
 
     Args:
@@ -229,6 +231,10 @@ def pc_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
       denoise: return the noise-free mean x_mean of the last predictor step (score_sde's
         noise_removal) instead of x; with predictor=None it has no effect (a Langevin mean is not
         a denoised sample) and the last corrector's x is returned.
+      condition: optional `condition(key, x, x_mean, t) -> (x, x_mean)` applied after every
+        corrector and predictor update, with t (B,) the time the state has reached; the
+        conditional samplers of `diffusion.guidance` (inpainting, colorization,
+        super-resolution) replace the known part of the state there (Song et al. 2021, app. I).
 
     At each grid time t_j the corrector runs M steps at t_j, then the predictor steps from t_j to
     t_{j+1} (score_sde's order), with t_n = 0: every predictor step has dt = (T - eps) / (n - 1)
@@ -242,6 +248,36 @@ def pc_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
     Traceable under jax.jit with every argument but key static (names and step counts change the
     compiled program); no Python loop over steps.
     """
+    prior_key, loop_key = jax.random.split(key)
+    x = sde.prior_sampling(prior_key, shape)
+    one = pc_step_fn(sde, score_fn, shape, predictor, corrector, snr, n_corrector_steps, n_steps,
+                     eps, condition, x.dtype)
+
+    def step(carry, inputs):
+        j, t, dt = inputs
+        return one.step(jax.random.fold_in(loop_key, j), *carry, t, dt), None
+
+    (x, x_mean), _ = lax.scan(step, (x, x), (jnp.arange(one.n_steps), one.ts, one.dts))
+    return (x_mean if denoise and predictor is not None else x), one.n_steps * one.evals_per_step
+
+
+class PCStep(NamedTuple):
+    """One grid time of the PC sampler and its grid (see `pc_step_fn`)."""
+
+    step: Callable      # step(step_key, x, x_mean, t, dt) -> (x, x_mean)
+    ts: Array           # (n,) grid times T .. eps
+    dts: Array          # (n,) predictor steps t_j - t_{j+1}, with t_n = 0
+    n_steps: int
+    evals_per_step: int
+
+
+def pc_step_fn(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
+               predictor: str | None = "euler_maruyama", corrector: str | None = None,
+               snr: float = 0.16, n_corrector_steps: int = 1, n_steps: int | None = None,
+               eps: float = 1e-3, condition: Callable | None = None,
+               dtype=jnp.float32) -> PCStep:
+    """The checked arguments of `pc_sample` as one grid step and its grid (for samplers that
+    loop over the grid themselves, e.g. RePaint's resampling in `diffusion.guidance`)."""
     predictor_fn = _lookup(PREDICTORS, predictor, "predictor")
     corrector_fn = _lookup(CORRECTORS, corrector, "corrector")
     if predictor_fn is None and corrector_fn is None:
@@ -259,10 +295,8 @@ def pc_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
         _check_discrete_grid(sde, predictor, n_steps, eps_value)
 
     # Time grid t_0 = T > ... > t_{n-1} = eps; predictor steps dt_j = t_j - t_{j+1}, t_n = 0.
-    prior_key, loop_key = jax.random.split(key)
-    x = sde.prior_sampling(prior_key, shape)
-    ts = jnp.linspace(sde.T, eps, n_steps, dtype=x.dtype)
-    dts = ts - jnp.append(ts[1:], jnp.zeros((1,), x.dtype))
+    ts = jnp.linspace(sde.T, eps, n_steps, dtype=dtype)
+    dts = ts - jnp.append(ts[1:], jnp.zeros((1,), dtype))
 
     def corrector_steps(key, x, t):
         def body(m, carry):
@@ -271,17 +305,17 @@ def pc_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
         return lax.fori_loop(0, n_corrector_steps, body, (x, x))
 
     # One grid time: M corrector steps at t_j, then one predictor step to t_{j+1}.
-    def step(carry, inputs):
-        x, x_mean = carry
-        j, t, dt = inputs
-        step_key = jax.random.fold_in(loop_key, j)
+    def step(step_key, x, x_mean, t, dt):
         t_batch = jnp.full(shape[:1], t, x.dtype)
         if corrector_fn is not None:
             x, x_mean = corrector_steps(jax.random.fold_in(step_key, 1), x, t_batch)
+            if condition is not None:
+                x, x_mean = condition(jax.random.fold_in(step_key, 2), x, x_mean, t_batch)
         if predictor_fn is not None:
             x, x_mean = predictor_fn(jax.random.fold_in(step_key, 0), sde, score_fn, x, t_batch, dt)
-        return (x, x_mean), None
+            if condition is not None:
+                x, x_mean = condition(jax.random.fold_in(step_key, 3), x, x_mean, t_batch - dt)
+        return x, x_mean
 
-    (x, x_mean), _ = lax.scan(step, (x, x), (jnp.arange(n_steps), ts, dts))
     evals_per_step = (predictor_fn is not None) + (n_corrector_steps if corrector_fn else 0)
-    return (x_mean if denoise and predictor_fn is not None else x), n_steps * evals_per_step
+    return PCStep(step, ts, dts, n_steps, evals_per_step)
