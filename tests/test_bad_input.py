@@ -31,7 +31,8 @@ def _files(workdir) -> dict:
     return out
 
 
-@pytest.mark.parametrize("key, value, match", [
+# (key, bad value, what the one message says): unknown names, then sizes and step counts.
+BAD_VALUES = [
     ("sde.name", "vpp", r"Unknown SDE 'vpp': config\.sde\.name must be one of \['cosine_vpsde', "
                         r"'subvpsde', 'vesde', 'vpsde'\]"),
     ("model.name", "resnet", r"Unknown model 'resnet': config\.model\.name must be one of "
@@ -47,8 +48,21 @@ def _files(workdir) -> dict:
                                   r"'langevin'\]"),
     ("eval.bpd_divergence", "exactly", r"eval\.bpd_divergence='exactly' is not one of \['exact', "
                                        r"'hutchinson_gaussian', 'hutchinson_rademacher'\]"),
-])
-def test_unknown_names(key, value, match, tmp_path):
+    ("sampling.steps", -1, r"sampling\.steps must be >= 0, got -1"),
+    ("training.batch_size", 0, r"training\.batch_size must be >= 1, got 0"),
+    ("training.n_iters", 0, r"training\.n_iters must be >= 1, got 0"),
+    ("sde.N", 0, r"sde\.N must be >= 1, got 0"),
+    ("sampling.num_samples", 0, r"sampling\.num_samples must be >= 1"),
+    ("training.log_freq", -2, r"training\.log_freq must be >= 0"),
+    ("training.batch_size", 6, r"training\.batch_size=6 must be divisible by the number of "
+                               r"devices \(4\)"),
+    ("sampling.batch_size", 10, r"sampling\.batch_size=10 must be divisible by the number of "
+                                r"devices \(4\)"),
+]
+
+
+@pytest.mark.parametrize("key, value, match", BAD_VALUES)
+def test_bad_values(key, value, match, tmp_path):
     config = toy_2d.get_config("smoke")
     section, field = key.split(".")
     config[section][field] = value
@@ -69,25 +83,6 @@ def test_a_tfds_dataset_that_is_not_prepared(tmp_path):
     os.makedirs(config.data.data_dir)
     _refused(config, tmp_path, datasets.DatasetNotFoundError, r"not prepared")
     assert not os.listdir(config.data.data_dir)
-
-
-@pytest.mark.parametrize("key, value, match", [
-    ("sampling.steps", -1, r"sampling\.steps must be >= 0, got -1"),
-    ("training.batch_size", 0, r"training\.batch_size must be >= 1, got 0"),
-    ("training.n_iters", 0, r"training\.n_iters must be >= 1, got 0"),
-    ("sde.N", 0, r"sde\.N must be >= 1, got 0"),
-    ("sampling.num_samples", 0, r"sampling\.num_samples must be >= 1"),
-    ("training.log_freq", -2, r"training\.log_freq must be >= 0"),
-    ("training.batch_size", 6, r"training\.batch_size=6 must be divisible by the number of "
-                               r"devices \(4\)"),
-    ("sampling.batch_size", 10, r"sampling\.batch_size=10 must be divisible by the number of "
-                                r"devices \(4\)"),
-])
-def test_non_positive_or_indivisible_sizes(key, value, match, tmp_path):
-    config = toy_2d.get_config("smoke")
-    section, field = key.split(".")
-    config[section][field] = value
-    _refused(config, tmp_path, ValueError, match)
 
 
 def test_an_image_shape_the_network_cannot_take(tmp_path):
