@@ -228,3 +228,37 @@ def test_classifier_trains_evaluates_and_guides(smoke_run, tmp_path):
     os.remove(path)
     clean = digits_classifier.get_config("clean_smoke")
     assert clean.model.noise_conditional is False
+
+
+def test_task_inputs_from_the_eval_split_an_npz_or_a_png(tmp_path):
+    """Conditioning read from each source, in data space ([-1, 1] for the digits), cycled over
+    the samples; a file of the wrong size is one clear error."""
+    from PIL import Image
+
+    config = digits.get_config("smoke")
+    config.sampling.update(task="super_resolve", sr_factor=2)
+    exp = train.build(config)
+    cond, originals = generate.task_inputs(exp, 5)
+    np.testing.assert_allclose(cond["cond"], originals.reshape(5, 4, 2, 4, 2, 1).mean((2, 4)),
+                               atol=1e-6)
+
+    low = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 1), dtype=np.uint8)
+    np.savez(tmp_path / "low.npz", images=low)
+    config.sampling.task_input = str(tmp_path / "low.npz")
+    cond, originals = generate.task_inputs(train.build(config), 5)
+    assert originals is None
+    np.testing.assert_allclose(cond["cond"], (low[[0, 1, 2, 0, 1]] / 255.0) * 2 - 1, atol=1e-6)
+
+    Image.fromarray(low[1, ..., 0]).save(tmp_path / "one.png")
+    config.sampling.task_input = str(tmp_path / "one.png")
+    cond, _ = generate.task_inputs(train.build(config), 2)
+    np.testing.assert_allclose(cond["cond"], np.stack([low[1], low[1]]) / 255.0 * 2 - 1,
+                               atol=1e-6)
+
+    config.sampling.update(task="inpaint", mask="center")
+    with pytest.raises(ValueError, match=r"holds images of shape \(4, 4, 1\); "
+                                         r"sampling.task='inpaint' needs 8x8 with 1 channel"):
+        generate.task_inputs(train.build(config), 2)
+    config.sampling.task_input = str(tmp_path / "missing.npz")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        generate.task_inputs(train.build(config), 2)
