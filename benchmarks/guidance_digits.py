@@ -81,9 +81,9 @@ def main() -> None:
         f"{k[9:]} {100 * v:.1f}%" for k, v in noisy.items()))
     rows = []
     settings = [("cfg", float(w), digits_cond.get_config(), run["digits_cond"], "")
-                for w in args.weights.split(",")]
+                for w in args.weights.split(",") if w]
     settings += [("classifier", float(s), digits.get_config(), run["digits"], run["digits_clf"])
-                 for s in args.scales.split(",")]
+                 for s in args.scales.split(",") if s]
     for guidance, weight, config, workdir, clf in settings:
         config = _guided(config, guidance, weight, clf)
         rate, seconds = _rate(config, workdir, judge, args.n, mesh)

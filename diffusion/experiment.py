@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -454,9 +455,9 @@ def _guidance_problems(config) -> list[str]:
     if s.labels and num_classes is None and s.guidance != "classifier":
         problems.append(f"sampling.labels={s.labels!r} needs a class-conditional model "
                         f"(model.num_classes) or sampling.guidance='classifier'")
-    elif s.labels:
-        try:
-            parse_labels(s.labels, num_classes or 10**9)
+    elif s.labels and s.labels != "all":   # "all" is every class, whatever their number
+        try:   # a classifier-guided unconditional model: the range is the data's, checked later
+            parse_labels(s.labels, num_classes or sys.maxsize)
         except ValueError as e:
             problems.append(str(e))
     if s.task not in ("none", *TASKS):

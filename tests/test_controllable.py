@@ -148,6 +148,10 @@ def test_guidance_settings_are_checked_before_anything_runs():
     config.sampling.guidance = "classifier"
     with pytest.raises(ValueError, match="needs sampling.classifier_workdir"):
         experiment.check_config(config)
+    # An unconditional model guided by a classifier: labels "all" are the data's classes (the
+    # check once listed range(10**9) for a model without num_classes, and ran out of memory).
+    config.sampling.update(classifier_workdir="runs/clf", labels="all")
+    assert experiment.check_config(config) == []
 
 
 def test_labels_tags_and_masks():
