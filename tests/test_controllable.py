@@ -266,3 +266,26 @@ def test_task_inputs_from_the_eval_split_an_npz_or_a_png(tmp_path):
     config.sampling.task_input = str(tmp_path / "missing.npz")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         generate.task_inputs(train.build(config), 2)
+
+
+@pytest.mark.slow
+def test_colorize_a_tfds_colour_model_from_the_eval_split(smoke_run, tmp_path):
+    """Colorization end to end on the CIFAR-10 smoke model (mock tfds data): the samples'
+    channel means are the grey images of the eval split, exactly."""
+    import shutil
+
+    from tests.helpers import data_context
+
+    config, workdir = smoke_run("vp_cifar")
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    config.sampling.update(task="colorize", method="ddim", steps=3)
+    with data_context(config):
+        path = train.sample(config, copy)
+    with np.load(path) as f:
+        assert f["samples"].shape[-1] == 3 and f["cond"].shape[-1] == 1
+        # exact up to float32 rounding of the (untrained model's, large) samples
+        tol = 1e-6 * (1.0 + np.abs(f["samples"]).max())
+        np.testing.assert_allclose(f["samples"].mean(-1, keepdims=True), f["cond"], atol=tol)
+        np.testing.assert_allclose(f["cond"], f["originals"].mean(-1, keepdims=True), atol=1e-6)
+    assert os.path.basename(path).startswith("colorize_step_")
