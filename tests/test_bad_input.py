@@ -134,6 +134,7 @@ def test_cli_reports_an_unwritable_workdir_in_one_line(tmp_path):
     assert "Error (PermissionError): Cannot write to --workdir" in result.stderr
 
 
+@pytest.mark.slow   # 10-15 s on 2 cores, on the worker that holds the smoke runs
 def test_resuming_with_another_network_changes_nothing(smoke_run, tmp_path):
     """The checkpoint stays, and so does the config.json that its error message points to."""
     import shutil
@@ -153,7 +154,7 @@ def test_resuming_with_another_network_changes_nothing(smoke_run, tmp_path):
 
 # orbax's reader leaves asyncio callbacks behind when tensorstore fails (harmless).
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("mode", ["sample", "evaluate"])
+@pytest.mark.parametrize("mode", ["sample", pytest.param("evaluate", marks=pytest.mark.slow)])
 def test_sampling_or_evaluating_a_corrupted_checkpoint_writes_nothing(mode, smoke_run, tmp_path):
     import shutil
 

@@ -112,10 +112,16 @@ def _stiff_score(x, t):
     return -1e6 * x
 
 
-@pytest.mark.parametrize("score, cause", [(_nan_score, "maximum number of solver steps"),
-                                          (_stiff_score, "maximum number of solver steps")])
-def test_a_failed_solve_raises_instead_of_returning_nans(score, cause):
+# Every entry point with a stiff score in the default suite; with a NaN score (which also
+# exhausts max_steps), and encode / decode, in the slow set (each call compiles a diffrax solve).
+@pytest.mark.parametrize("score, entry_points", [
+    (_stiff_score, ("ode_sample", "log_likelihood")),
+    pytest.param(_nan_score, ("ode_sample", "encode", "decode", "log_likelihood"),
+                 marks=pytest.mark.slow),
+    pytest.param(_stiff_score, ("encode", "decode"), marks=pytest.mark.slow)])
+def test_a_failed_solve_raises_instead_of_returning_nans(score, entry_points):
     sde = SDES["vp"]
+    cause = "maximum number of solver steps"
     calls = {
         "ode_sample": lambda: sampling.ode_sample(jax.random.key(0), sde, score, (4, 2),
                                                   max_steps=20),
@@ -124,7 +130,8 @@ def test_a_failed_solve_raises_instead_of_returning_nans(score, cause):
         "log_likelihood": lambda: likelihood.log_likelihood(
             jax.random.key(0), sde, score, jnp.ones((4, 2)), divergence="exact", max_steps=20),
     }
-    for name, call in calls.items():
+    for name in entry_points:
+        call = calls[name]
         with pytest.raises(sampling.ODESolverError, match=f"failed after 20 steps.*{cause}.*"
                            "loosen them or raise max_steps \\(now 20\\)"):
             call()
