@@ -16,19 +16,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One experiment per network and data kind in the default suite: the U-Net on embedded images
 # (with FID), the MLP on 2-D points, DDPM++ on tfds images. The others repeat those loops with
 # another SDE / loss / network preset (their pieces are tested on their own) and run with -m slow.
-EXPERIMENTS = ["digits", "toy_2d", "vp_cifar",
-               *(pytest.param(name, marks=pytest.mark.slow)
+EXPERIMENTS = [("digits", False), ("toy_2d", False), ("vp_cifar", False),
+               # FID / KID of the digits smoke run (the Inception network at 299 x 299 compiles
+               # for a minute on 2 cores): with the slow set, as are the 2-process FID test and
+               # the other SDE / loss / network presets.
+               pytest.param("digits", True, marks=pytest.mark.slow),
+               *(pytest.param(name, False, marks=pytest.mark.slow)
                  for name in ("ddpm_cifar", "ve_cifar", "subvp_cifar"))]
 # Higher resolutions: their smoke variants are only trained (and checkpointed), to save time.
 TRAIN_ONLY = ["vp_celeba64", "ve_celebahq256"]
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
-def test_smoke_variant_trains_samples_and_evaluates(name, smoke_run, request):
+@pytest.mark.parametrize("name, fid", EXPERIMENTS)
+def test_smoke_variant_trains_samples_and_evaluates(name, fid, smoke_run, request):
     config, workdir = smoke_run(name)          # trained once per session, shared
     # FID / KID for the digits only: the Inception network compiles per input shape, and the
     # code path is the same for every image dataset.
-    fid = name == "digits"
     config.eval.enable_fid = fid
     if fid:
         try:   # FID / KID where the converted Inception weights are (CI converts them)
