@@ -35,6 +35,7 @@ from diffusion.parallel import (
     to_host,
 )
 from diffusion.progress import progress
+from diffusion.sde import batch_broadcast
 from diffusion.train_state import restore_latest
 
 
@@ -70,7 +71,7 @@ def classifier_accuracy(exp: Experiment, params) -> dict:
         def predict(params, x, t, key):
             alpha, sigma = exp.sde.marginal_coeffs(t)
             z = jax.random.normal(key, x.shape, x.dtype)
-            xt = alpha[:, None, None, None] * x + sigma[:, None, None, None] * z
+            xt = batch_broadcast(alpha, x) * x + batch_broadcast(sigma, x) * z
             return jnp.argmax(exp.net.apply({"params": params}, xt, 999.0 * t), axis=-1)
 
         exp.compiled["classifier"] = jax.jit(predict)
