@@ -22,7 +22,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diffusion import datasets, files, guidance, losses, plotting
-from diffusion.experiment import Experiment, GuideSettings, SamplingSettings, build, parse_labels
+from diffusion.experiment import Experiment, SamplingSettings, build
+from diffusion.guide_settings import GuideSettings, parse_labels
 from diffusion.models import parameterization
 from diffusion.parallel import DATA_AXIS, data_mesh, map_over_batch, replicated_batch, to_host
 from diffusion.sampling import get_sampler

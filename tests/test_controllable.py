@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import experiment, generate, losses, train
+from diffusion import experiment, generate, guide_settings, losses, train
 from diffusion import sde as sde_lib
 from diffusion.gaussian_mixture import GaussianMixture
 from experiments import digits, digits_classifier, digits_cond
@@ -155,13 +155,14 @@ def test_guidance_settings_are_checked_before_anything_runs():
 
 
 def test_labels_tags_and_masks():
-    assert experiment.parse_labels("3,3,7", 10) == [3, 3, 7]
-    assert experiment.parse_labels("all", 4) == [0, 1, 2, 3]
-    assert experiment.parse_labels("", 10) is None
-    g = experiment.GuideSettings(guidance="cfg", weight=3.0)
+    assert guide_settings.parse_labels("3,3,7", 10) == [3, 3, 7]
+    assert guide_settings.parse_labels("all", 4) == [0, 1, 2, 3]
+    assert guide_settings.parse_labels("", 10) is None
+    g = guide_settings.GuideSettings(guidance="cfg", weight=3.0)
     assert g.tag == "cfg_w3_"
-    assert experiment.GuideSettings(task="super_resolve", sr_factor=4).tag == "super_resolve_x4_"
-    assert experiment.GuideSettings().tag == ""
+    sr = guide_settings.GuideSettings(task="super_resolve", sr_factor=4)
+    assert sr.tag == "super_resolve_x4_"
+    assert guide_settings.GuideSettings().tag == ""
     key = jax.random.key(0)
     right = generate.inpaint_mask("right_half", 4, 6, key)[..., 0]
     np.testing.assert_array_equal(right, np.repeat([[1, 1, 1, 0, 0, 0]], 4, 0))
