@@ -33,7 +33,8 @@ def _inputs(batch=2):
     return x, t
 
 
-@pytest.mark.parametrize("name", [pytest.param("ncsnpp", marks=pytest.mark.slow), "unet"])
+@pytest.mark.slow   # 17 s (U-Net) and more (NCSN++) on 2 cores, compiling both versions
+@pytest.mark.parametrize("name", ["ncsnpp", "unet"])
 def test_remat_gives_the_same_parameters_outputs_and_gradients(name):
     cls, kwargs = NETWORKS[name]
     plain, remat = cls(**kwargs), cls(**kwargs, remat=True)
@@ -104,6 +105,7 @@ def test_bfloat16_score_model_computes_in_bfloat16_and_stays_close(name):
         parameterization.make_score_model(net, sde, compute_dtype="float16")
 
 
+@pytest.mark.slow   # 18 s on 2 cores; the bfloat16 forward pass is tested by default above
 def test_bfloat16_gradients_reach_float32_parameters():
     cls, kwargs = NETWORKS["unet"]
     net = cls(**kwargs)
@@ -124,6 +126,7 @@ def test_bfloat16_gradients_reach_float32_parameters():
     assert cosine > 0.99, cosine
 
 
+@pytest.mark.slow   # 27 s on 2 cores; the bfloat16 forward and gradients are tested above
 def test_mixed_precision_training_from_the_config(tmp_path):
     from experiments import digits
 

@@ -130,6 +130,7 @@ def test_rename_of_ddpm_blocks():
     assert ("Upsample_1", "FIRConv_0", "kernel") in renamed
 
 
+@pytest.mark.slow   # 26 s on 2 cores; the conversion itself is tested above
 def test_convert_script_writes_a_checkpoint_that_samples(tmp_path, fixtures):
     """scripts/convert_score_sde.py, then `sample` (what --mode sample runs) from the workdir,
     with no CIFAR-10 data on the machine; a second conversion is refused and changes nothing."""
