@@ -140,12 +140,51 @@ def test_mlp_parameter_count_by_hand():
     assert _count(params) == expected
 
 
-def test_mlp_class_conditional():
-    net = models.MLP(hidden=16, n_layers=1, embed_dim=8, num_classes=4)
+def test_mlp_input_embedding_parameter_count_by_hand():
+    """embed_at="input": [x, embed(t)] -> hidden x n_layers -> d; at hidden 256, 3 layers and a
+    16-dim embedding, 137k parameters (the size benchmarks/peers.py compares)."""
+    dense = lambda i, o: i * o + o
+    for d, hidden, n_layers, embed_dim in [(3, 16, 2, 8), (2, 256, 3, 16)]:
+        net = models.MLP(hidden=hidden, n_layers=n_layers, embed_dim=embed_dim,
+                         embed_at="input", activation="relu")
+        params = _init(net, *_inputs((2, d)))["params"]
+        expected = (dense(d + embed_dim, hidden) + (n_layers - 1) * dense(hidden, hidden)
+                    + dense(hidden, d))
+        assert _count(params) == expected
+    assert expected == 136_962
+
+
+def test_mlp_embedding_projections_are_initialised_as_separate_layers():
+    """The n_layers projections of the embedding are one (hidden, n_layers * hidden) kernel;
+    each block is drawn as a (hidden, hidden) Dense kernel: uniform with limit sqrt(3 / hidden)
+    (fan_avg of one layer), not sqrt(3 / (2 hidden)) as for one wide layer."""
+    hidden, n_layers = 64, 3
+    net = models.MLP(hidden=hidden, n_layers=n_layers, embed_dim=8)
+    kernel = _init(net, *_inputs((2, 2)))["params"]["Dense_emb"]["kernel"]
+    assert kernel.shape == (hidden, n_layers * hidden)
+    limit = np.sqrt(3.0 / hidden)
+    for block in np.split(np.asarray(kernel), n_layers, axis=1):
+        assert 0.95 * limit < np.max(np.abs(block)) <= limit
+        np.testing.assert_allclose(np.var(block), limit**2 / 3, rtol=0.1)
+    blocks = np.split(np.asarray(kernel), n_layers, axis=1)
+    assert not np.allclose(blocks[0], blocks[1])       # independent draws
+
+
+def test_mlp_rejects_unknown_options():
+    x, t = _inputs((2, 2))
+    with pytest.raises(ValueError, match=r"Unknown embed_at 'output'.*'every_layer', 'input'"):
+        _init(models.MLP(embed_at="output"), x, t)
+    with pytest.raises(ValueError, match=r"Unknown activation 'gelu'.*\['relu', 'silu'\]"):
+        _init(models.MLP(activation="gelu"), x, t)
+
+
+@pytest.mark.parametrize("embed_at", ["every_layer", "input"])
+def test_mlp_class_conditional(embed_at):
+    net = models.MLP(hidden=16, n_layers=1, embed_dim=8, num_classes=4, embed_at=embed_at)
     x, t = _inputs((3, 2))
     y = jnp.array([0, 1, 4])  # 4 is the null label
     params = random_params(net, x, t, y=y)
-    assert params["Embed_0"]["embedding"].shape == (5, 16)
+    assert params["Embed_0"]["embedding"].shape == (5, 16 if embed_at == "every_layer" else 8)
     out = net.apply({"params": params}, x, t, y=y)
     assert out.shape == x.shape
     assert not np.allclose(out, net.apply({"params": params}, x, t, y=jnp.array([2, 3, 0])))
