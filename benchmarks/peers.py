@@ -53,10 +53,11 @@ def _alpha(t):
 
 
 def _marginal(t):
-    """Mean and std (each (..., 2)) of p_t for data N(MU, diag S^2) under the VP SDE."""
+    """Mean and std (each (B, 2), or (1, 2) for a scalar t) of p_t for data N(MU, diag S^2)
+    under the VP SDE."""
     import jax.numpy as jnp
-    a = _alpha(jnp.asarray(t))[..., None]
-    mu, s = jnp.asarray(MU), jnp.asarray(S)
+    a = _alpha(jnp.asarray(t)).reshape(-1, 1)
+    mu, s = jnp.asarray(MU)[None], jnp.asarray(S)[None]
     return a * mu, jnp.sqrt(a**2 * s**2 + 1.0 - a**2)
 
 
@@ -84,7 +85,7 @@ def exact_log_density(x, t):
 def gaussian_points(key, n=N_POINTS):
     import jax
     import jax.numpy as jnp
-    return jnp.asarray(MU) + jnp.asarray(S) * jax.random.normal(key, (n, 2))
+    return jnp.asarray(MU)[None] + jnp.asarray(S)[None] * jax.random.normal(key, (n, 2))
 
 
 def median_seconds(fn, *args, repeats=3):
@@ -444,22 +445,34 @@ def _ratio(ours_record: dict, peer: dict) -> str:
 
 
 def table(results: dict[str, dict[str, dict]], tasks: list[str]) -> str:
-    libs = [lib for lib in LIBRARIES if lib in results]
-    peers = [lib for lib in libs if lib != "ours"]
-    head = ["task", *libs, *(f"ours vs {p}" for p in peers)]
+    """Markdown: one column per library (label), then ours against each peer."""
+    peers = [label for label in results if label != "ours"]
+    head = ["task", *results, *(f"ours vs {p}" for p in peers)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task in tasks:
-        row = [task, *(_cell(results[lib][task]) for lib in libs)]
-        row += [_ratio(results["ours"][task], results[p][task]) for p in peers]
+        row = [task, *(_cell(r[task]) for r in results.values())]
+        if "ours" in results:
+            row += [_ratio(results["ours"][task], results[p][task]) for p in peers]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _label(name: str, python: str, record: dict, default_python: str) -> str:
+    """'sbgm', or 'sbgm (jax 0.4.33)' for a library run with another interpreter than the
+    other peers."""
+    if name == "ours" or python == default_python or "jax" not in record:
+        return name
+    return f"{name} (jax {record['jax']})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer_python", default=sys.executable,
                         help="the interpreter of the venv the peers are installed in")
-    parser.add_argument("--libraries", default=",".join(LIBRARIES))
+    parser.add_argument("--libraries", default=",".join(LIBRARIES),
+                        help="comma-separated; NAME=PYTHON runs that library with another "
+                             "interpreter, e.g. sbgm=/path/old-venv/bin/python (a column of its "
+                             "own: the same library on another jax)")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--quick", action="store_true", help="fewer training steps (a smoke run)")
     parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
@@ -473,13 +486,17 @@ def main() -> None:
         run_worker(args.worker, tasks, steps)
         return
     results = {}
-    for name in args.libraries.split(","):
-        python = sys.executable if name == "ours" else args.peer_python
-        results[name] = collect(name, python, tasks, args.quick)
-    info = next(iter(results["ours"].values()))
-    print(f"\n{os.cpu_count()} CPU cores, {info.get('device', '?')}; jax {info.get('jax', '?')} "
-          f"(ours)" + "".join(f", {p}: jax {next(iter(r.values())).get('jax', '?')}"
-                              for p, r in results.items() if p != "ours"))
+    for spec in args.libraries.split(","):
+        name, _, python = spec.partition("=")
+        if name not in LIBRARIES:
+            parser.error(f"unknown library {name!r}: choose from {list(LIBRARIES)}")
+        python = python or (sys.executable if name == "ours" else args.peer_python)
+        runs = collect(name, python, tasks, args.quick)
+        results[_label(name, python, next(iter(runs.values())), args.peer_python)] = runs
+    versions = ", ".join(f"{label}: jax {next(iter(r.values())).get('jax', '?')}"
+                         for label, r in results.items())
+    device = next(iter(next(iter(results.values())).values())).get("device", "?")
+    print(f"\n{os.cpu_count()} CPU cores ({device}); {versions}")
     print(table(results, tasks))
 
 
