@@ -137,6 +137,15 @@ def center_crop_resize(image: np.ndarray, size: int, crop: int | None = None) ->
 # --------------------------------------------------------------------------- tfds
 
 
+# Datasets scripts/prepare_data.py writes from their original archives: the files it needs.
+PREPARE_COMMANDS = {
+    "cifar10": "--archive cifar-10-python.tar.gz",
+    "celeb_a": ("--archive img_align_celeba.zip --partition list_eval_partition.txt "
+                "--attributes list_attr_celeba.txt --landmarks list_landmarks_align_celeba.txt "
+                "--identity identity_CelebA.txt"),
+}
+
+
 def open_tfds(name: str, split: str, data_dir: str | None) -> Sequence:
     """tfds.data_source(name, split), never downloading; one clear error when that fails."""
     try:
@@ -162,10 +171,18 @@ def open_tfds(name: str, split: str, data_dir: str | None) -> Sequence:
     where = data_dir or "DIR"
     location = data_dir or "the default tfds data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
     if not prepared:
+        base = name.split(":")[0]
+        if base in PREPARE_COMMANDS:   # from the original archive, without TensorFlow
+            how = (f"from its original archive, without TensorFlow: `python scripts/"
+                   f"prepare_data.py {base} {PREPARE_COMMANDS[base]} --data_dir {where}` (see "
+                   f"the README, \"Preparing CIFAR-10 / CelebA without TensorFlow\")")
+        else:
+            how = (f"on a machine with internet and TensorFlow (`pip install tensorflow`; "
+                   f"tfds needs it to build): `tfds build {base} --data_dir {where} "
+                   f"--file_format array_record`")
         raise DatasetNotFoundError(
-            f"tfds dataset {name!r} is not prepared in {location}. Prepare it on a machine with "
-            f"internet: `tfds build {name.split(':')[0]} --data_dir {where} --file_format "
-            f"array_record`, then pass --config.data.data_dir={where}.")
+            f"tfds dataset {name!r} is not prepared in {location}. Prepare it {how}, then pass "
+            f"--config.data.data_dir={where}.")
     raise DatasetNotFoundError(
         f"tfds dataset {name!r} in {location} could not be opened for split {split!r}: "
         f"{reason}. Check config.data.train_split / eval_split; a dataset built as tfrecord "

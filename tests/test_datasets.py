@@ -285,10 +285,18 @@ def test_tfds_not_prepared_is_one_clear_error(tmp_path):
         datasets.get_dataset(config)
     message = str(info.value)
     assert "not prepared" in message and str(tmp_path) in message
-    assert "tfds build cifar10" in message and f"--config.data.data_dir={tmp_path}" in message
+    assert "python scripts/prepare_data.py cifar10 --archive cifar-10-python.tar.gz" in message
+    assert "without TensorFlow" in message and f"--config.data.data_dir={tmp_path}" in message
     assert info.value.__cause__ is None  # no chained tfds traceback
     assert info.value.__context__ is None or info.value.__suppress_context__
     assert not os.listdir(tmp_path)  # nothing downloaded or created
+    # A dataset prepare_data.py does not write: tfds build, which needs TensorFlow (said so).
+    config = _config("mnist", 28, 1)
+    config.data.data_dir = str(tmp_path)
+    with pytest.raises(datasets.DatasetNotFoundError,
+                       match=r"internet and TensorFlow \(`pip install tensorflow`; tfds needs it "
+                             r"to build\): `tfds build mnist"):
+        datasets.get_dataset(config)
 
 
 def test_unknown_dataset_lists_the_embedded_ones():
