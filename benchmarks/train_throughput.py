@@ -7,6 +7,7 @@ step time / FLOPs / MFU / memory, and the input pipeline.
     python benchmarks/train_throughput.py --networks ddpmpp --width 0 --compile_only \
         --remat both --dtypes float32,bfloat16          # full size: FLOPs and memory, no step
     python benchmarks/train_throughput.py --pipeline --workers 0,2,4
+    python benchmarks/train_throughput.py --memory      # peak host memory, a process per case
 
 --networks compiles one train step (loss, gradient, Adam, EMA) of DDPM (experiments/ddpm_cifar),
 DDPM++ cont. (vp_cifar) and NCSN++ cont. (ve_cifar), optionally deep, at batch 128 on 32x32x3
@@ -15,8 +16,12 @@ compile time, step time, images/s, model FLOPs per step (3x the forward pass, as
 it), TFLOP/s, MFU against the chip's dense peak (PEAK_TFLOPS; --peak_tflops otherwise, or on a
 CPU a measured matmul) and XLA's memory estimate of the compiled step. On a CPU the width
 defaults to 32 (a paper-size step takes minutes there); --width 0 --compile_only still gives
-the full-size FLOPs and memory. --pipeline times the tfds input pipeline (tfds.data_source,
-PNG decoding, batches in worker processes) on a locally built CIFAR-shaped dataset.
+the full-size FLOPs and memory. On a GPU / TPU the table adds the device's own peak memory
+(`memory_stats()["peak_bytes_in_use"]`; --fresh_process runs each row in its own process, as
+that peak never resets). --memory prints the peak host memory (ru_maxrss) of the embedded
+default run and of the CIFAR smoke config, each in a fresh process. --pipeline times the tfds
+input pipeline (tfds.data_source, PNG decoding, batches in worker processes) on a locally built
+CIFAR-shaped dataset.
 
 The default mode compares, for one experiment config:
 "full pipeline" is `train.train_and_evaluate` as a user runs it: the data pipeline (host batches,
@@ -31,6 +36,7 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -174,6 +180,7 @@ def measure_network(config, steps: int, warmup: int, compile_only: bool) -> dict
     t0 = time.perf_counter()
     compiled = step_fn.lower(abstract, {"x": x_spec}, key).compile()
     compile_s = time.perf_counter() - t0
+    compile_peak = peak_device_bytes()     # compiling (GPU autotuning) allocates scratch too
     memory = compiled.memory_analysis()
     mem_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                  + memory.temp_size_in_bytes - memory.alias_size_in_bytes) if memory else None
@@ -184,7 +191,8 @@ def measure_network(config, steps: int, warmup: int, compile_only: bool) -> dict
     cost = forward.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     row = dict(params=train.count_params(abstract.params), compile_s=compile_s,
-               mem_bytes=mem_bytes, model_flops=3.0 * float(cost["flops"]))
+               mem_bytes=mem_bytes, model_flops=3.0 * float(cost["flops"]),
+               compile_peak=compile_peak, peak=peak_device_bytes())
     if compile_only:
         return row
     state = train.init_train_state(exp, mesh)
@@ -200,46 +208,145 @@ def measure_network(config, steps: int, warmup: int, compile_only: bool) -> dict
         jax.block_until_ready(metrics)
         times.append((time.perf_counter() - t0) / n_jit)
     row["step_s"] = float(np.median(times))
+    row["peak"] = peak_device_bytes()
     return row
 
 
-def network_table(root: str, args) -> None:
+def peak_device_bytes() -> int | None:
+    """The device's peak bytes in use since the process started (it never resets: run one case
+    per process, --fresh_process, for a case's own peak); None on XLA:CPU, which keeps none."""
+    stats = jax.local_devices()[0].memory_stats()
+    return stats.get("peak_bytes_in_use") if stats else None
+
+
+def child_rows(argv: list[str]) -> list[dict]:
+    """Runs this script with `argv` in a fresh process; its `ROW {json}` lines, parsed. Other
+    output passes through."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], text=True,
+                          stdout=subprocess.PIPE)
+    rows = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("ROW "):
+            rows.append(json.loads(line[4:]))
+        else:
+            print(line, flush=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(argv)}: the child process failed (exit {proc.returncode})")
+    return rows
+
+
+def network_case(root: str, args, name: str, dtype: str, remat: bool) -> dict:
+    """One row of the network table, measured in this process."""
     device = jax.devices()[0]
     width = args.width if args.width >= 0 else (0 if device.platform != "cpu" else 32)
-    print(f"\nTrain step of the paper networks (32x32x3 CIFAR-10 shapes, 256x256x3 for "
-          f"ncsnpp_256), batch {args.batch}, "
-          f"{jax.device_count()} x {device.platform} ({device.device_kind}), "
-          f"{os.cpu_count()} CPU cores; width {width or 'as in the paper'}; median of "
-          f"{args.steps} timed steps after {args.warmup} warm-up; n_jitted_steps "
-          f"{args.n_jitted_steps}.\nmodel FLOPs = 3 x forward (XLA's count); MFU = model FLOP/s "
-          f"/ peak; memory = XLA's buffer assignment for the compiled step.\n")
-    peaks = {d: peak_tflops(device, d, args.peak_tflops) for d in args.dtypes.split(",")}
-    print("MFU reference: " + "; ".join(f"{d} {p:.3g} TFLOP/s ({src})"
-                                        for d, (p, src) in peaks.items()) + "\n")
+    config = network_config(root, name, width, args.batch, dtype, remat, args.n_jitted_steps)
+    r = measure_network(config, args.steps, args.warmup, args.compile_only)
+    peak, source = peak_tflops(device, dtype, args.peak_tflops)
+    return dict(r, name=name, dtype=dtype, remat=remat, width_arg=width,
+                width=width or config.model.get("nf", config.model.get("ch")),
+                peak_tflops=peak, peak_source=source, platform=device.platform,
+                device_kind=device.device_kind, device_count=jax.device_count())
+
+
+def network_table(root: str, args) -> None:
     header = (f"| {'network':<12} | {'width':>5} | {'params':>7} | {'dtype':<8} | {'remat':<5} | "
               f"{'compile s':>9} | {'step s':>7} | {'img/s':>7} | {'GFLOP/step':>10} | "
-              f"{'TFLOP/s':>7} | {'MFU':>6} | {'memory GiB':>10} |")
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+              f"{'TFLOP/s':>7} | {'MFU':>6} | {'memory GiB':>10} | {'peak GiB':>9} | "
+              f"{'compile peak GiB':>16} |")
+    first = True
     for name in args.networks.split(","):
         for dtype in args.dtypes.split(","):
             for remat in ([False, True] if args.remat == "both" else [args.remat == "on"]):
-                config = network_config(root, name, width, args.batch, dtype, remat,
-                                        args.n_jitted_steps)
-                r = measure_network(config, args.steps, args.warmup, args.compile_only)
-                w = width or config.model.get("nf", config.model.get("ch"))
-                peak = peaks[dtype][0]
+                if args.fresh_process:    # the parent never touches the accelerator
+                    argv = [a for a in sys.argv[1:] if a != "--fresh_process"]
+                    r = child_rows(argv + ["--networks", name, "--dtypes", dtype, "--remat",
+                                           "on" if remat else "off", "--row_only"])[0]
+                else:
+                    r = network_case(root, args, name, dtype, remat)
+                if args.row_only:
+                    print("ROW " + json.dumps(r), flush=True)
+                    continue
+                if first:
+                    print(f"\nTrain step of the paper networks (32x32x3 CIFAR-10 shapes, 256x256x3 "
+                          f"for ncsnpp_256), batch {args.batch}, {r['device_count']} x "
+                          f"{r['platform']} ({r['device_kind']}), {os.cpu_count()} CPU cores; "
+                          f"width {r['width_arg'] or 'as in the paper'}; median of {args.steps} "
+                          f"timed steps after {args.warmup} warm-up; n_jitted_steps "
+                          f"{args.n_jitted_steps}.\nmodel FLOPs = 3 x forward (XLA's count); "
+                          f"MFU = model FLOP/s / peak ({r['peak_source']}); memory = XLA's "
+                          f"buffer assignment for the compiled step; peak = the device's "
+                          f"peak_bytes_in_use after the timed steps, compile peak = after "
+                          f"compiling, before the state exists ("
+                          + ("one process per row" if args.fresh_process
+                             else "since the process started") + ").\n")
+                    print(header)
+                    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+                    first = False
                 step = r.get("step_s")
                 tflops = r["model_flops"] / step / 1e12 if step else None
-                cells = [f"{name:<12}", f"{w:>5}", f"{r['params'] / 1e6:6.1f}M", f"{dtype:<8}",
-                         f"{'yes' if remat else 'no':<5}", f"{r['compile_s']:9.1f}",
+                peak = r["peak_tflops"]
+                gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "n/a (CPU)"
+                cells = [f"{name:<12}", f"{r['width']:>5}", f"{r['params'] / 1e6:6.1f}M",
+                         f"{dtype:<8}", f"{'yes' if remat else 'no':<5}",
+                         f"{r['compile_s']:9.1f}",
                          f"{step:7.3f}" if step else f"{'-':>7}",
                          f"{args.batch / step:7.0f}" if step else f"{'-':>7}",
                          f"{r['model_flops'] / 1e9:10.0f}",
                          f"{tflops:7.3g}" if tflops else f"{'-':>7}",
                          f"{tflops / peak:6.1%}" if tflops and peak else f"{'n/a':>6}",
-                         f"{r['mem_bytes'] / 2**30:10.2f}" if r["mem_bytes"] else f"{'-':>10}"]
+                         f"{r['mem_bytes'] / 2**30:10.2f}" if r["mem_bytes"] else f"{'-':>10}",
+                         f"{gib(r['peak']):>9}", f"{gib(r['compile_peak']):>16}"]
                 print("| " + " | ".join(cells) + " |", flush=True)
+
+
+# --------------------------------------------------------------------------- host memory
+
+MEMORY_CASES = ("imports", "digits", "cifar_smoke")
+
+
+def memory_case(root: str, case: str, steps: int) -> dict:
+    """Runs one case in this (fresh) process; its peak resident host memory (ru_maxrss)."""
+    import resource
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if case == "imports":       # the floor: jax, flax, tfds, the library, a device
+            jax.devices()
+            what = "imports and the device only"
+        elif case == "digits":      # the embedded default, as configured, fewer steps
+            config = load_config(os.path.join(root, "experiments", "digits.py"))
+            config.training.n_iters = steps
+            config.training.snapshot_freq = steps // 2
+            train.train_and_evaluate(config, os.path.join(tmp, "run"))
+            what = (f"experiments/digits.py, {steps} steps: 2 checkpoints + sample grids "
+                    f"({config.sampling.batch_size} samples, pc {config.sde.N}), eval loss at "
+                    f"the end")
+        elif case == "cifar_smoke":  # on a locally built CIFAR-shaped tfds dataset
+            from diffusion import synthetic_tfds
+
+            config = load_config(os.path.join(root, "experiments", "vp_cifar.py:smoke"))
+            config.data.dataset = synthetic_tfds.build(tmp, num_train=1000, num_test=100)
+            config.data.data_dir = tmp
+            train.train_and_evaluate(config, os.path.join(tmp, "run"))
+            what = ("experiments/vp_cifar.py:smoke as configured (2 steps, sample grid, eval "
+                    "loss) on a local tfds dataset of 1,000 32x32x3 PNGs")
+        else:
+            raise ValueError(f"unknown memory case {case!r}: use {MEMORY_CASES}")
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # KiB on Linux
+    return dict(case=case, what=what, maxrss_mib=rss_kib / 1024,
+                seconds=time.perf_counter() - t0)
+
+
+def memory_table(args) -> None:
+    """Peak host memory of each case, each in a fresh process."""
+    print(f"\nPeak host memory (ru_maxrss of a fresh process per case), {os.cpu_count()} CPU "
+          f"cores:\n")
+    print(f"| {'case':<12} | {'peak RSS MiB':>12} | {'seconds':>7} | what runs |")
+    print(f"|{'-' * 14}|{'-' * 14}|{'-' * 9}|-----------|", flush=True)
+    for case in args.memory.split(","):
+        r = child_rows(["--memory_case", case, "--memory_steps", str(args.memory_steps)])[0]
+        print(f"| {case:<12} | {r['maxrss_mib']:12.0f} | {r['seconds']:7.1f} | {r['what']} |",
+              flush=True)
 
 
 # --------------------------------------------------------------------------- input pipeline
@@ -296,12 +403,24 @@ def main():
                         help="--networks: parameters, FLOPs and memory without running a step")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="peak TFLOP/s for MFU on a device missing from PEAK_TFLOPS")
+    parser.add_argument("--fresh_process", action="store_true",
+                        help="--networks: each row in its own process (its own device peak)")
+    parser.add_argument("--row_only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", action="store_true",
                         help="time the tfds input pipeline instead")
     parser.add_argument("--workers", default="0,2,4", help="--pipeline: worker processes")
     parser.add_argument("--pipeline_examples", type=int, default=5000)
     parser.add_argument("--pipeline_batches", type=int, default=40)
+    parser.add_argument("--memory", nargs="?", const=",".join(MEMORY_CASES), default="",
+                        help=f"peak host memory of the cases {MEMORY_CASES} (default all)")
+    parser.add_argument("--memory_steps", type=int, default=300, help="--memory: digits steps")
+    parser.add_argument("--memory_case", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_case:
+        return print("ROW " + json.dumps(memory_case(root, args.memory_case, args.memory_steps)),
+                     flush=True)
+    if args.memory:
+        return memory_table(args)
     if args.pipeline:
         return pipeline_table(args)
     if args.networks:

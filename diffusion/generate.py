@@ -163,19 +163,26 @@ def sample_labels(exp: Experiment, num: int, key: jax.Array) -> np.ndarray:
 
 def draw_samples(exp: Experiment, params, mesh: Mesh, num: int, key: jax.Array,
                  cond: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, int]:
-    """`num` samples (num, *data_shape) in data space, in batches of sampling.batch_size."""
-    out, nfes = [], [0]
-    for x, nfe in sample_batches(exp, params, mesh, num, key, cond):
-        out.append(x)
-        nfes.append(nfe)
-    return np.concatenate(out), max(nfes)
+    """`num` samples (num, *data_shape) in data space, in batches of sampling.batch_size.
+
+    Each batch is copied into the result as it arrives: the host holds the `num` samples asked
+    for and one batch, never a list of batches and their concatenation."""
+    out, nfe, filled = None, 0, 0
+    for x, batch_nfe in sample_batches(exp, params, mesh, num, key, cond):
+        if out is None:
+            out = np.empty((num, *x.shape[1:]), x.dtype)
+        out[filled:filled + len(x)] = x
+        filled += len(x)
+        nfe = max(nfe, batch_nfe)
+    return out, nfe
 
 
 def save_samples_png(path: str, samples: np.ndarray, exp: Experiment, title: str,
                      ncol: int | None = None) -> None:
     """An image grid of image samples, or a scatter plot over eval data of 2-D samples."""
     if exp.dataset.is_image:
-        plotting.save_image_grid(path, datasets.inverse_scaler(exp.data.centered)(samples), ncol)
+        plotting.save_image_grid(path, samples, ncol,
+                                 transform=datasets.inverse_scaler(exp.data.centered))
     else:
         ref = np.stack([exp.dataset.eval[i]["x"] for i in range(min(len(exp.dataset.eval), 5000))])
         plotting.save_scatter(path, samples, ref[:, :2] if ref.shape[1] > 2 else ref, title=title)

@@ -4,32 +4,42 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 
 
-def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tiles images (N, H, W, C) in [0, 1] into one uint8 array (rows*(H+pad), cols*(W+pad), C)."""
-    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1,
+               transform: Callable | None = None) -> np.ndarray:
+    """Tiles images (N, H, W, C) in [0, 1] into one uint8 array (rows*(H+pad), cols*(W+pad), C).
+
+    `transform` (elementwise, e.g. `datasets.inverse_scaler`) maps each image into [0, 1] first.
+    Image by image: memory beyond the input is the uint8 grid and one image, not float copies of
+    all N images.
+    """
+    images = np.asarray(images)
     n, h, w, c = images.shape
     ncol = ncol or math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
-    grid = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), np.float32)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
     for i, img in enumerate(images):
+        img = np.asarray(transform(img) if transform is not None else img, np.float32)
         r, k = divmod(i, ncol)
         top, left = pad + r * (h + pad), pad + k * (w + pad)
-        grid[top:top + h, left:left + w] = img
-    return np.round(grid * 255).astype(np.uint8)
+        grid[top:top + h, left:left + w] = np.round(np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
+    return grid
 
 
 def save_image_grid(path: str, images: np.ndarray, ncol: int | None = None,
-                    min_size: int = 256) -> None:
-    """Writes images (N, H, W, C) in [0, 1] as one PNG, upscaled (nearest) to >= `min_size` px."""
+                    min_size: int = 256, transform: Callable | None = None) -> None:
+    """Writes images (N, H, W, C) in [0, 1] (after `transform`, see `image_grid`) as one PNG,
+    upscaled (nearest) to >= `min_size` px."""
     from PIL import Image
 
-    grid = image_grid(images, ncol)
+    grid = image_grid(images, ncol, transform=transform)
     scale = max(1, math.ceil(min_size / max(grid.shape[:2])))
-    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+    if scale > 1:
+        grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
     mode = "L" if grid.shape[-1] == 1 else "RGB"
     img = Image.fromarray(grid[..., 0] if mode == "L" else grid, mode=mode)
     _atomic_write(path, lambda p: img.save(p, format="PNG"))
