@@ -19,6 +19,8 @@ Datasets (`config.data.dataset`):
                                  image_size 16 upsamples them 2x (nearest neighbour).
   "gmm", "moons", "swiss_roll"   2-D toys, generated from a fixed seed: 100,000 train / 10,000 eval.
                                  The GMM's exact parameters are `gmm_params()`.
+  "folder"                       the PNG / JPEG images under `data.path` (`diffusion/folder.py`):
+                                 labels from subfolder names, centre-cropped and resized.
   any other name                 a tfds dataset with an "image" feature ("cifar10", "mnist",
                                  "celeb_a", ...), read with `tfds.data_source` (array_record
                                  format), center-cropped and resized to `data.image_size` when
@@ -41,6 +43,7 @@ from diffusion.batching import data_scaler as data_scaler
 from diffusion.batching import examples_at as examples_at
 from diffusion.batching import inverse_scaler as inverse_scaler
 from diffusion.batching import take as take
+from diffusion.folder import load_folder
 from diffusion.sources import EMBEDDED_DATASETS as EMBEDDED_DATASETS
 from diffusion.sources import SPLITS as SPLITS
 from diffusion.sources import ArraySource as ArraySource
@@ -90,7 +93,7 @@ def get_dataset(config, *, shape_only: bool = False) -> Dataset:
         return Dataset(data.dataset, (), (), data_shape=shape, is_image=True, num_levels=256)
     return load_dataset(data.dataset, image_size=data.get("image_size"),
                         num_channels=data.get("num_channels"), crop_size=data.get("crop_size"),
-                        data_dir=data.get("data_dir"),
+                        data_dir=data.get("data_dir"), path=data.get("path"),
                         train_split=data.get("train_split") or "train",
                         eval_split=data.get("eval_split") or "test")
 
@@ -98,8 +101,10 @@ def get_dataset(config, *, shape_only: bool = False) -> Dataset:
 def load_dataset(name: str, *, image_size: int | None = None, num_channels: int | None = None,
                  crop_size: int | None = None, data_dir: str | None = None,
                  train_split: str = "train",
-                 eval_split: str = "test") -> Dataset:
+                 eval_split: str = "test", path: str | None = None) -> Dataset:
     """`get_dataset` with plain arguments (see there)."""
+    if name == "folder":
+        return load_folder(path, image_size, num_channels, crop_size)
     if name == "digits":
         return _load_digits(image_size, num_channels)
     if name in TOY_DATASETS:

@@ -67,6 +67,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     data.num_workers = 4               # tfds data: processes preparing batches (0: a thread)
     data.crop_size = 0                 # tfds images: centered square crop side (0: largest)
     data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: default)
+    data.path = ml_collections.config_dict.placeholder(str)  # dataset "folder": the image folder
     data.train_split = "train"
     data.eval_split = "test"
 
