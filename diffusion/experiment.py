@@ -30,7 +30,7 @@ import optax
 from diffusion import datasets, defaults, likelihood, losses, models
 from diffusion import sde as sde_lib
 from diffusion.guide_settings import GuideSettings, guidance_problems
-from diffusion.models import parameterization
+from diffusion.models import mlp, parameterization
 from diffusion.sampling import CORRECTORS, PREDICTORS, SAMPLERS, ode
 from diffusion.train_state import create_optimizer
 
@@ -379,6 +379,11 @@ def _name_problems(config) -> list[str]:
         choices.append(("sampling.ode_solver", s.ode_solver, sorted(ode.SOLVERS)))
     choices.append(("eval.bpd_divergence", config.eval.bpd_divergence,
                     list(likelihood.DIVERGENCES)))
+    if config.model.name == "mlp":   # checked by the network only when it is first run
+        choices += [("model.embed_at", config.model.get("embed_at", "every_layer"),
+                     list(mlp.EMBED_AT)),
+                    ("model.activation", config.model.get("activation", "silu"),
+                     sorted(mlp.ACTIVATIONS))]
     for key, value, valid in choices:
         optional = key in ("sampling.predictor", "sampling.corrector")
         if optional and value in _NONE_NAMES:

@@ -9,6 +9,10 @@ experiment to check a change to an SDE, loss or sampler by eye and by number.
 Training (20,000 steps of batch 512) takes about 3 minutes on 2 CPU cores; `--mode sample` writes
 runs/toy_2d/samples/step_20000.png, a scatter plot of 5,000 samples beside the data, and the .npz.
 Other toys: --config.data.dataset=moons or swiss_roll. Smoke variant: experiments/toy_2d.py:smoke.
+The MLP conditions every layer on the noise level (363k parameters at hidden 256);
+--config.model.embed_at=input --config.model.embed_dim=16 feeds the embedding to the first layer
+only (137k parameters; the conditioning of diffusionjax's and sbgm's MLPs, used by
+benchmarks/peers.py), and --config.model.activation=relu swaps SiLU for ReLU.
 """
 
 from experiments import default

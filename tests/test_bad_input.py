@@ -48,6 +48,9 @@ BAD_VALUES = [
                                   r"'langevin'\]"),
     ("eval.bpd_divergence", "exactly", r"eval\.bpd_divergence='exactly' is not one of \['exact', "
                                        r"'hutchinson_gaussian', 'hutchinson_rademacher'\]"),
+    ("model.embed_at", "output", r"model\.embed_at='output' is not one of \['every_layer', "
+                                 r"'input'\]"),
+    ("model.activation", "gelu", r"model\.activation='gelu' is not one of \['relu', 'silu'\]"),
     ("sampling.steps", -1, r"sampling\.steps must be >= 0, got -1"),
     ("training.batch_size", 0, r"training\.batch_size must be >= 1, got 0"),
     ("training.n_iters", 0, r"training\.n_iters must be >= 1, got 0"),
