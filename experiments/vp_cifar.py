@@ -22,8 +22,9 @@ None of these has been measured with this codebase yet (it needs ~1.3M GPU steps
 
     python scripts/run.py --config experiments/vp_cifar.py --workdir runs/vp_cifar
 
-Needs tfds `cifar10` prepared (`tfds build cifar10 --data_dir DIR --file_format array_record`
-on a machine with internet, then `--config.data.data_dir=DIR`). Smoke variant (tiny, a few steps
+Needs tfds `cifar10` prepared, from CIFAR-10's own archive and without TensorFlow
+(`python scripts/prepare_data.py cifar10 --archive cifar-10-python.tar.gz --data_dir DIR`, then
+`--config.data.data_dir=DIR`). Smoke variant (tiny, a few steps
 on a CPU; the tests run it on `tfds.testing.mock_data`): --config experiments/vp_cifar.py:smoke
 Useful overrides: --config.training.n_jitted_steps=5, --config.training.compute_dtype=bfloat16,
 --config.model.remat=True, --config.training.batch_size=...
