@@ -124,3 +124,25 @@ def test_empty_missing_and_mixed_folders_are_refused(tmp_path):
     _write(tmp_path / "mixed" / "loose.png", _images(rng, 1)[0])
     with pytest.raises(ValueError, match=r"class subfolders \(cat\) and 1 outside them"):
         datasets.get_dataset(_config(tmp_path / "mixed"))
+
+
+@pytest.mark.slow   # compiles the DDPM++ smoke network (about 30 s on 2 cores)
+def test_folder_config_trains_and_samples_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    for cls in ("a", "b"):
+        for i in range(6):
+            _write(tmp_path / "imgs" / cls / f"{i}.jpg", _images(rng, 1, size=20)[0], "JPEG")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = [sys.executable, os.path.join(root, "scripts", "run.py"),
+            f"--config={os.path.join(root, 'experiments', 'folder.py')}:smoke",
+            f"--workdir={tmp_path / 'run'}", f"--config.data.path={tmp_path / 'imgs'}",
+            "--config.model.num_classes=2"]
+    env = {**os.environ, "DIFFUSION_CACHE": str(tmp_path / "cache")}
+    for extra in ([], ["--mode=sample"]):
+        done = subprocess.run(base + extra, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+    with np.load(tmp_path / "run" / "samples" / "step_2.npz") as f:
+        assert f["samples"].shape == (4, 16, 16, 3) and np.all(np.isfinite(f["samples"]))
