@@ -204,6 +204,7 @@ def tiny_unet():
     return net, random_params(net, x, t), x, t
 
 
+@pytest.mark.slow   # 11 s on 2 cores (the eager U-Net); the jitted shapes are tested below
 def test_unet_8x8_shape_finite_and_jit_equals_eager(tiny_unet):
     net, params, x, t = tiny_unet
     rngs = {"dropout": jax.random.key(2)}

@@ -138,6 +138,7 @@ def test_two_runs_with_the_same_seed_are_bit_identical(smoke_run, tmp_path):
                                                                               "train.jsonl"))
 
 
+@pytest.mark.slow   # 16 s on 2 cores; resume = uninterrupted runs by default (below)
 def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
     """Kills a real run with SIGTERM, resumes it, and compares with an uninterrupted run."""
     workdir = tmp_path / "killed"
