@@ -164,18 +164,12 @@ class FolderSource(Sequence):
     def __getitem__(self, i: int) -> dict[str, Any]:
         from PIL import Image
 
-        from diffusion.sources import center_crop_resize
+        from diffusion.sources import check_index, square_image
 
-        n = len(self.paths)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {n} examples")
+        i = check_index(i, len(self.paths))
         with Image.open(os.path.join(self.root, self.paths[i])) as image:
-            image = np.asarray(image.convert("L" if self.channels == 1 else "RGB"))
-        if image.ndim == 2:
-            image = image[..., None]
-        if self.crop or image.shape[:2] != (self.size, self.size):
-            image = center_crop_resize(image, self.size, self.crop)
-        return {"x": image, "label": int(self.labels[i])}
+            pixels = np.asarray(image.convert("L" if self.channels == 1 else "RGB"))
+        return {"x": square_image(pixels, self.size, self.crop), "label": int(self.labels[i])}
 
 
 def load_folder(root: str | None, image_size: int | None, num_channels: int | None,

@@ -97,16 +97,25 @@ class TfdsImageSource(Sequence):
         return len(self.source)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        n = len(self.source)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {n} examples")
-        record = self.source[i % n]
-        image = np.asarray(record["image"])
-        if image.ndim == 2:
-            image = image[..., None]
-        if self.crop or image.shape[:2] != (self.size, self.size):
-            image = center_crop_resize(image, self.size, self.crop)
-        return {"x": image, "label": int(record.get("label", 0))}
+        record = self.source[check_index(i, len(self.source))]
+        return {"x": square_image(np.asarray(record["image"]), self.size, self.crop),
+                "label": int(record.get("label", 0))}
+
+
+def check_index(i: int, n: int) -> int:
+    """i as an index in [0, n); IndexError outside [-n, n)."""
+    if not -n <= i < n:
+        raise IndexError(f"index {i} out of range for {n} examples")
+    return i % n
+
+
+def square_image(image: np.ndarray, size: int, crop: int | None) -> np.ndarray:
+    """(H, W[, C]) pixels as (size, size, C): centre-cropped and resized unless already so."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if crop or image.shape[:2] != (size, size):
+        image = center_crop_resize(image, size, crop)
+    return image
 
 
 def center_crop_resize(image: np.ndarray, size: int, crop: int | None = None) -> np.ndarray:
