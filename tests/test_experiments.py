@@ -139,15 +139,24 @@ SAMPLER_CASES = [("ddim", 5, 6), ("dpm_solver", 20, 21), ("edm", 0, 35), ("ode",
                  ("pc", 7, 7)]   # pc: the final denoising is its last predictor step
 
 
-def test_every_sampler_from_the_config(smoke_run):
+# Two by default (a multistep solver and the adaptive ODE); each sampler's algorithm is tested
+# on its own in test_solvers.py / test_pc.py / test_ode.py, and all of them from the config with
+# the slow set.
+@pytest.mark.parametrize("method, steps, expected_nfe", [
+    case if case[0] in ("dpm_solver", "ode") else pytest.param(*case, marks=pytest.mark.slow)
+    for case in SAMPLER_CASES])
+def test_every_sampler_from_the_config(method, steps, expected_nfe, smoke_run):
     config, workdir = smoke_run("toy_2d")
-    for method, steps, expected_nfe in SAMPLER_CASES:
-        config.sampling.method, config.sampling.steps = method, steps
-        path = train.sample(config, workdir)
-        with np.load(path) as f:
-            samples, nfe = f["samples"], int(f["nfe"])
-        assert samples.shape == (config.sampling.num_samples, 2) and np.all(np.isfinite(samples))
-        assert nfe == expected_nfe if expected_nfe else nfe > 6, (method, nfe)
+    config.sampling.method, config.sampling.steps = method, steps
+    path = train.sample(config, workdir)
+    with np.load(path) as f:
+        samples, nfe = f["samples"], int(f["nfe"])
+    assert samples.shape == (config.sampling.num_samples, 2) and np.all(np.isfinite(samples))
+    assert nfe == expected_nfe if expected_nfe else nfe > 6, (method, nfe)
+
+
+def test_an_unknown_sampler_from_the_config(smoke_run):
+    config, workdir = smoke_run("toy_2d")
     config.sampling.method = "heun"
     with pytest.raises(ValueError, match="Unknown sampler 'heun'"):
         train.sample(config, workdir)

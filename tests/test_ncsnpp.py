@@ -136,6 +136,7 @@ def test_class_conditioning_and_unconditional():
     np.testing.assert_array_equal(apply({"params": params}, x, t + 1.0, y), out_y)
 
 
+@pytest.mark.slow   # 8 s on 2 cores; NCSN++ gradients also run in the slow CIFAR smoke runs
 def test_backward_finite_and_dropout_only_in_train_mode():
     """Gradients of a training-mode loss (dropout on) are finite; dropout acts only in train."""
     net = _tiny(*VARIANTS[1], dropout=0.5)
