@@ -24,17 +24,15 @@ import io
 import os
 import pickle
 import shutil
-import sys
 import tarfile
 import tempfile
-import time
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 
-from diffusion.progress import hms
+from diffusion.progress import progress
 
 DATASETS = ("cifar10", "celeb_a")
 
@@ -157,19 +155,6 @@ def read_celeb_a_annotations(partition: str, attributes: str, landmarks: str, id
 
 # --------------------------------------------------------------------------- writing
 
-def _progress(examples: Iterator, total: int, what: str, every: float = 10.0) -> Iterator:
-    """Passes examples through, printing "what: done/total rate/s ETA" now and then."""
-    t0 = last = time.time()
-    for done, example in enumerate(examples, 1):
-        yield example
-        now = time.time()
-        if now - last >= every or done == total:
-            rate = done / max(now - t0, 1e-9)
-            print(f"  {what}: {done}/{total}  {rate:.0f}/s  ETA {hms((total - done) / rate)}",
-                  file=sys.stderr, flush=True)
-            last = now
-
-
 def _png(image: np.ndarray) -> io.BytesIO:
     """A PNG of a uint8 image (tfds' Image feature takes encoded files without TensorFlow)."""
     from PIL import Image
@@ -180,9 +165,10 @@ def _png(image: np.ndarray) -> io.BytesIO:
     return out
 
 
-def _builder_class(name: str, split_examples: Callable, label_names: list[str] | None = None):
+def _builder_class(name: str, splits: list[str], split_examples: Callable,
+                   label_names: list[str] | None = None):
     """A subclass of the registered tfds builder `name` (same name, version and features) whose
-    examples come from `split_examples(split) -> iterator of (key, example)`."""
+    `splits` come from `split_examples(split) -> iterator of (key, example)`."""
     import tensorflow_datasets as tfds
 
     base = tfds.builder_cls(name)
@@ -192,21 +178,20 @@ def _builder_class(name: str, split_examples: Callable, label_names: list[str] |
             del dl_manager
             if label_names is not None:
                 self.info.features["label"].names = label_names
-            return {split: split_examples(split) for split in self._splits}
+            return {split: split_examples(split) for split in splits}
 
     FromArchive.name = base.name
     FromArchive.__name__ = base.__name__
     return FromArchive
 
 
-def _write(name: str, data_dir: str, splits: dict[str, int], split_examples: Callable,
+def _write(name: str, data_dir: str, splits: list[str], split_examples: Callable,
            label_names: list[str] | None = None) -> str:
     """Builds dataset `name` in a temporary folder of data_dir, then moves it into place."""
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()   # ours (_progress) instead of one tqdm bar per stage
-    cls = _builder_class(name, split_examples, label_names)
-    cls._splits = list(splits)
+    cls = _builder_class(name, splits, split_examples, label_names)
     version = str(cls.VERSION)
     final = os.path.join(data_dir, name, version)
     os.makedirs(data_dir, exist_ok=True)
@@ -239,12 +224,11 @@ def prepare_cifar10(archive: str, data_dir: str) -> str:
     def examples(split):
         images, labels = splits[split]
         prefix = "train_" if split == "train" else "test_"
-        for i in _progress(range(len(images)), len(images), f"cifar10 {split}"):
+        for i in progress(range(len(images)), len(images), 1, f"cifar10 {split}", 10.0):
             yield i, {"id": f"{prefix}{i:05d}", "image": _png(images[i]),
                       "label": int(labels[i])}
 
-    return _write("cifar10", data_dir, {s: len(v[0]) for s, v in splits.items()}, examples,
-                  names)
+    return _write("cifar10", data_dir, list(splits), examples, names)
 
 
 def prepare_celeb_a(archive: str, data_dir: str, partition: str, attributes: str,
@@ -272,11 +256,11 @@ def prepare_celeb_a(archive: str, data_dir: str, partition: str, attributes: str
         id_keys, ids = tables["identity"]
 
         def examples(split):
-            for f in _progress(files[split], len(files[split]), f"celeb_a {split}"):
+            for f in progress(files[split], len(files[split]), 1, f"celeb_a {split}", 10.0):
                 yield f, {"image": io.BytesIO(zf.read(members[f])),
                           "landmarks": dict(zip(mark_keys, marks[f], strict=True)),
                           "attributes": {k: v > 0 for k, v in zip(attr_keys, attrs[f],
                                                                   strict=True)},
                           "identity": dict(zip(id_keys, ids[f], strict=True))}
 
-        return _write("celeb_a", data_dir, {s: len(v) for s, v in files.items()}, examples)
+        return _write("celeb_a", data_dir, list(files), examples)

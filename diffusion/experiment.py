@@ -380,9 +380,9 @@ def _name_problems(config) -> list[str]:
     choices.append(("eval.bpd_divergence", config.eval.bpd_divergence,
                     list(likelihood.DIVERGENCES)))
     if config.model.name == "mlp":   # checked by the network only when it is first run
-        choices += [("model.embed_at", config.model.get("embed_at", "every_layer"),
+        choices += [("model.embed_at", config.model.get("embed_at", mlp.MLP.embed_at),
                      list(mlp.EMBED_AT)),
-                    ("model.activation", config.model.get("activation", "silu"),
+                    ("model.activation", config.model.get("activation", mlp.MLP.activation),
                      sorted(mlp.ACTIVATIONS))]
     for key, value, valid in choices:
         optional = key in ("sampling.predictor", "sampling.corrector")

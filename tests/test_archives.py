@@ -69,7 +69,7 @@ def test_cifar10_from_the_python_archive_reads_back_exactly(tmp_path, capsys):
     data_dir = str(tmp_path / "tfds")
     assert prepare_data.main(["cifar10", "--archive", archive, "--data_dir", data_dir]) == 0
     out = capsys.readouterr()
-    assert "cifar10 train: 15/15" in out.err and "ETA" in out.err     # progress lines
+    assert "cifar10 train: 15/15" in out.out and "ETA" in out.out     # progress lines
     assert f"--config.data.data_dir={data_dir}" in out.out
     assert sorted(os.listdir(data_dir)) == ["cifar10"]                # no temporary folder left
     config = vp_cifar.get_config()
