@@ -155,7 +155,7 @@ def read_celeb_a_annotations(partition: str, attributes: str, landmarks: str, id
 
 # --------------------------------------------------------------------------- writing
 
-def _png(image: np.ndarray) -> io.BytesIO:
+def png_file(image: np.ndarray) -> io.BytesIO:
     """A PNG of a uint8 image (tfds' Image feature takes encoded files without TensorFlow)."""
     from PIL import Image
 
@@ -225,7 +225,7 @@ def prepare_cifar10(archive: str, data_dir: str) -> str:
         images, labels = splits[split]
         prefix = "train_" if split == "train" else "test_"
         for i in progress(range(len(images)), len(images), 1, f"cifar10 {split}", 10.0):
-            yield i, {"id": f"{prefix}{i:05d}", "image": _png(images[i]),
+            yield i, {"id": f"{prefix}{i:05d}", "image": png_file(images[i]),
                       "label": int(labels[i])}
 
     return _write("cifar10", data_dir, list(splits), examples, names)

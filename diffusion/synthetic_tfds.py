@@ -14,10 +14,10 @@ Importing this module imports tensorflow_datasets.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import tensorflow_datasets as tfds
+
+from diffusion.archives import png_file
 
 NAME = "synthetic_images"
 IMAGE_SHAPE = (32, 32, 3)
@@ -42,15 +42,10 @@ class SyntheticImages(tfds.core.GeneratorBasedBuilder):
                 "test": self._generate_examples(self.num_test, seed=1)}
 
     def _generate_examples(self, n: int, seed: int):
-        from PIL import Image
-
         rng = np.random.default_rng(seed)
         for i in range(n):
-            # Encoded here with Pillow: tfds would need TensorFlow to encode a numpy image.
-            png = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, IMAGE_SHAPE, dtype=np.uint8)).save(png, "PNG")
-            png.seek(0)
-            yield i, {"image": png, "label": i % NUM_CLASSES}
+            image = rng.integers(0, 256, IMAGE_SHAPE, dtype=np.uint8)
+            yield i, {"image": png_file(image), "label": i % NUM_CLASSES}
 
 
 def build(data_dir: str, num_train: int = 1000, num_test: int = 100) -> str:
