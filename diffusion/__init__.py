@@ -2,9 +2,10 @@
 
 The public modules, imported explicitly (no import side effects, no registries):
 
-    from diffusion import sde as sde_lib       # VPSDE, SubVPSDE, VESDE, CosineVPSDE, get_sde
+    from diffusion import sde as sde_lib       # VPSDE, SubVPSDE, VESDE, CosineVPSDE, RectifiedFlow
+                                               # (any Interpolant), get_sde
     from diffusion import models               # get_model, MLP, UNet, make_score_model
-    from diffusion import losses               # make_dsm_loss, make_ddpm_loss, make_smld_loss
+    from diffusion import losses               # make_dsm_loss, make_flow_matching_loss, ...
     from diffusion import sampling             # pc_sample
     from diffusion import datasets, metrics
     from diffusion import experiment           # build(config) -> Experiment (the config reader)
@@ -25,6 +26,7 @@ from diffusion.sde import SDE as SDE
 from diffusion.sde import VESDE as VESDE
 from diffusion.sde import VPSDE as VPSDE
 from diffusion.sde import CosineVPSDE as CosineVPSDE
+from diffusion.sde import RectifiedFlow as RectifiedFlow
 from diffusion.sde import SubVPSDE as SubVPSDE
 from diffusion.sde import get_sde as get_sde
 

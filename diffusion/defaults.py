@@ -4,14 +4,15 @@ Experiments (experiments/*.py) start from `get_default_config()` and override on
 `diffusion.experiment.check_config` refuses a key that is not here unless the chosen network
 (model.*) or SDE (sde.*) takes it, and a value changed from its default here that the chosen
 network, SDE, sampler or loss does not use. Keys:
-  seed; sde.{name, beta_min, beta_max, sigma_min, sigma_max, N, s, exact_std};
+  seed; sde.{name, beta_min, beta_max, sigma_min, sigma_max, N, s, exact_std} (rectified_flow
+  also takes sde.T);
   model.{name, ema_rate, ema_warmup, parameterization, noise_input, scale_input, scale_by_sigma,
   num_classes, remat, <network fields>}; data.{dataset,
   image_size, num_channels, crop_size, num_workers, centered, uniform_dequantization,
-  random_flip, data_dir, train_split, eval_split};
+  random_flip, data_dir, train_split, eval_split, sigma_data};
   training.{batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps,
-  compute_dtype, continuous, reduce_mean, likelihood_weighting, eps, snapshot_sampling,
-  keep_checkpoints};
+  compute_dtype, loss, continuous, reduce_mean, likelihood_weighting, eps, t_sampling,
+  logit_mean, logit_std, p_mean, p_std, snapshot_sampling, keep_checkpoints};
   optim.{lr, warmup, grad_clip, beta1, beta2, eps, weight_decay};
   sampling.{method, steps, predictor, corrector, snr, n_steps_each, noise_removal, eps,
   order, eta, rho, s_churn, rtol, atol, ode_solver, batch_size, num_samples};
@@ -29,7 +30,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.seed = 42
 
     config.sde = sde = ml_collections.ConfigDict()
-    sde.name = "vpsde"          # "vpsde" | "subvpsde" | "vesde" | "cosine_vpsde"
+    sde.name = "vpsde"          # "vpsde" | "subvpsde" | "vesde" | "cosine_vpsde" |
+                                # "rectified_flow" (x_t = (1 - t) x_0 + t z on [0, sde.T = 0.99])
     sde.beta_min = 0.1          # VP / sub-VP linear schedule (Song et al. 2021)
     sde.beta_max = 20.0
     sde.sigma_min = 0.01        # VE geometric schedule
@@ -44,7 +46,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     model.ema_rate = 0.9999
     model.ema_warmup = False            # decay min(ema_rate, (1+n)/(10+n)) (our option; score_sde:
                                         # the constant ema_rate from step 0)
-    model.parameterization = "epsilon"  # "epsilon" | "score" | "x0"
+    model.parameterization = "epsilon"  # "epsilon" | "score" | "x0" | "v" (velocity, Salimans
+                                        # & Ho's v for VP) | "edm" (EDM's preconditioning)
     model.scale_by_sigma = False        # "score" output divided by sigma (score_sde's VE models)
     model.noise_input = "time"          # continuous models conditioned on 999 t ("time") or
                                         # log sigma(t); discrete ones on the level (score_sde)
@@ -68,6 +71,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     data.crop_size = 0                 # tfds images: centered square crop side (0: largest)
     data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: default)
     data.path = ml_collections.config_dict.placeholder(str)  # dataset "folder": the image folder
+    data.sigma_data = 0.5              # the data's std, for the "edm" parameterization and loss
+                                       # (EDM: 0.5 for images in [-1, 1])
     data.train_split = "train"
     data.eval_split = "test"
 
@@ -80,10 +85,17 @@ def get_default_config() -> ml_collections.ConfigDict:
     training.n_jitted_steps = 1         # optimizer steps per jitted call
     training.compute_dtype = "float32"  # "bfloat16": mixed precision (params, optimizer, EMA
                                         # stay float32; sampling / likelihood use float32)
+    training.loss = "dsm"               # "dsm" (score_sde) | "flow_matching" (velocity
+                                        # regression) | "edm" (EDM's loss); diffusion/losses.py
     training.continuous = True          # DSM in continuous time; False: DDPM (VP) / SMLD (VE)
     training.reduce_mean = False        # mean over dimensions (else 1/2 sum, score_sde)
-    training.likelihood_weighting = False
+    training.likelihood_weighting = False   # dsm: weight g(t)^2 (Song et al. 2021b)
     training.eps = 1e-5                 # t ~ U(eps, T)
+    training.t_sampling = "uniform"     # flow_matching: "uniform" | "logit_normal" (SD3)
+    training.logit_mean = 0.0           # flow_matching, logit_normal: t = sigmoid(m + s n)
+    training.logit_std = 1.0
+    training.p_mean = -1.2              # edm: ln sigma~ ~ N(p_mean, p_std^2) (Karras et al.)
+    training.p_std = 1.2
     training.snapshot_sampling = True
     training.keep_checkpoints = 3
 

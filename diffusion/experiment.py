@@ -46,7 +46,12 @@ _SAMPLING_SHARED = ("method", "eps", "noise_removal", "batch_size", "num_samples
                     "guidance", "guidance_weight", "classifier_workdir", "task", "task_input",
                     "mask", "sr_factor")
 # What each loss reads from config.training (the other training keys drive the loop).
-_LOSS_KEYS = {True: ("reduce_mean", "likelihood_weighting", "eps"), False: ("reduce_mean",)}
+_LOSS_KEYS = {
+    "dsm": ("reduce_mean", "likelihood_weighting", "eps"),
+    "ddpm / smld": ("reduce_mean",),
+    "flow_matching": ("reduce_mean", "eps", "t_sampling", "logit_mean", "logit_std"),
+    "edm": ("reduce_mean", "eps", "p_mean", "p_std"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +177,10 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False) -
         # Mixed precision is for training: sampling and likelihoods use the float32 network.
         loss_fn = losses.get_loss_fn(
             sde, dataclasses.replace(score_model, compute_dtype=t.compute_dtype),
-            continuous=t.continuous, reduce_mean=t.reduce_mean,
-            likelihood_weighting=t.likelihood_weighting, eps=t.eps)
+            loss=t.loss, continuous=t.continuous, reduce_mean=t.reduce_mean,
+            likelihood_weighting=t.likelihood_weighting, eps=t.eps, t_sampling=t.t_sampling,
+            logit_mean=t.logit_mean, logit_std=t.logit_std, p_mean=t.p_mean, p_std=t.p_std,
+            sigma_data=config.data.sigma_data)
     if score_model is not None and config.model.get("num_classes") is not None:
         loss_fn = losses.with_label_dropout(loss_fn, config.model.label_dropout,
                                             config.model.num_classes)
@@ -283,12 +290,19 @@ def _unknown_and_unused_keys(config) -> tuple[list[str], list[str]]:
             listed=set(SAMPLER_KEYS[config.sampling.method]))
         problems += unknown
         notes += unused
-    if "training" in config:
-        continuous = bool(config.training.get("continuous", True))
-        unused = set(_LOSS_KEYS[True]) - set(_LOSS_KEYS[continuous])
-        loss = "DSM" if continuous else "DDPM / SMLD (training.continuous=False)"
+    if "training" in config and config.training.get("loss", "dsm") in losses.LOSSES:
+        loss = config.training.get("loss", "dsm")
+        if loss == "dsm" and not config.training.get("continuous", True):
+            loss = "ddpm / smld"
+        unused = set().union(*_LOSS_KEYS.values()) - set(_LOSS_KEYS[loss])
+        owner = {"dsm": "the DSM loss", "ddpm / smld": "the DDPM / SMLD (training.continuous="
+                 "False) loss"}.get(loss, f"the {loss} loss (training.loss={loss!r})")
         problems += _check_section(config, base, "training", used=set(base.training) - unused,
-                                   owner=f"the {loss} loss")[1]
+                                   owner=owner)[1]
+        edm = "edm" in (loss, config.get("model", {}).get("parameterization"))
+        if "data" in config and not edm and _differs(config.data.get("sigma_data", 0.5), 0.5):
+            problems.append(f"data.sigma_data={config.data.sigma_data!r} is set but used only by "
+                            f"the 'edm' parameterization and loss, neither of which is chosen")
     return problems, notes
 
 
@@ -379,6 +393,14 @@ def _name_problems(config) -> list[str]:
         choices.append(("sampling.ode_solver", s.ode_solver, sorted(ode.SOLVERS)))
     choices.append(("eval.bpd_divergence", config.eval.bpd_divergence,
                     list(likelihood.DIVERGENCES)))
+    choices.append(("training.loss", config.training.loss, list(losses.LOSSES)))
+    if config.training.loss == "flow_matching":
+        choices.append(("training.t_sampling", config.training.t_sampling,
+                        list(losses.T_SAMPLINGS)))
+    if config.model.parameterization == "edm" and config.model.noise_input != "time":
+        problems.append(f"model.noise_input={config.model.noise_input!r} is set but the 'edm' "
+                        f"parameterization conditions the network on ln(sigma / alpha) / 4 "
+                        f"itself: leave model.noise_input at its default")
     if config.model.name == "mlp":   # checked by the network only when it is first run
         choices += [("model.embed_at", config.model.get("embed_at", mlp.MLP.embed_at),
                      list(mlp.EMBED_AT)),

@@ -1,4 +1,17 @@
-"""Training objectives: continuous denoising score matching and the discrete DDPM / SMLD losses.
+"""Training objectives: denoising score matching, flow matching and EDM's loss in continuous time,
+and the discrete DDPM / SMLD losses.
+
+The continuous losses are one objective with different weightings and noise-level densities
+(Kingma & Gao 2023, "Understanding Diffusion Objectives"): with eps-MSE = || sigma s + z ||^2 the
+error of the model's noise prediction at x_t = alpha(t) x_0 + sigma(t) z,
+  DSM (default)        eps-MSE,                          t ~ U(eps, T)
+  DSM, likelihood w.   eps-MSE g^2 / sigma^2,            t ~ U(eps, T)
+  flow matching        eps-MSE sigma^2 lambda'(t)^2      t ~ U or logit-normal; rectified flow:
+                       (the velocity error),               eps-MSE / (1 - t)^2
+  EDM                  eps-MSE (sigma~^2 + s_d^2) / s_d^2  ln sigma~ ~ N(P_mean, P_std^2)
+                       (the weighted denoiser error),
+with lambda = log(alpha / sigma) the log-SNR and sigma~ = sigma / alpha. Each is minimised by the
+exact score whatever the network's parameterisation (diffusion/models/parameterization.py).
 
 Every loss is built by a `make_*_loss` factory from the SDE and a score model
 `score_model(params, x, t, *, y=None, train=False, rng=None) -> score` (see
@@ -25,6 +38,8 @@ from diffusion.sde import SDE, VESDE, batch_broadcast
 
 Array = jax.Array
 LossFn = Callable[[dict, dict, Array], Array]
+LOSSES = ("dsm", "flow_matching", "edm")
+T_SAMPLINGS = ("uniform", "logit_normal")
 
 
 def _per_example_keys(key: Array, batch_size: int) -> Array:
@@ -78,6 +93,81 @@ def make_dsm_loss(sde: SDE, score_model: Callable, *, reduce_mean: bool = True,
             g2 = sde.sde(jnp.zeros_like(x0), t)[1] ** 2
             return _reduce((score + z / batch_broadcast(std, x0)) ** 2, reduce_mean) * g2
         return _reduce((batch_broadcast(std, x0) * score + z) ** 2, reduce_mean)
+
+    return loss_fn
+
+
+def velocity_from_score(sde: SDE, score: Array, x: Array, t: Array) -> Array:
+    """The velocity E[alpha' x_0 + sigma' z | x_t] = alpha' D + sigma' E[z | x_t] of a score,
+    with D = (x + sigma^2 score) / alpha and E[z | x_t] = -sigma score; x (B, ...), t (B,)."""
+    alpha, sigma, d_alpha, d_sigma = (batch_broadcast(c, x) for c in sde.marginal_rates(t))
+    return d_alpha / alpha * (x + sigma**2 * score) - d_sigma * sigma * score
+
+
+def make_flow_matching_loss(sde: SDE, score_model: Callable, *, t_sampling: str = "uniform",
+                            logit_mean: float = 0.0, logit_std: float = 1.0,
+                            reduce_mean: bool = True, eps: float = 1e-5) -> LossFn:
+    """Conditional flow matching: regression of the velocity of x_t = alpha x_0 + sigma z.
+
+    The per-example loss is || v(x_t, t) - (alpha'(t) x_0 + sigma'(t) z) ||^2, reduced over
+    dimensions, with v the model's velocity (`velocity_from_score`; for a "v" model its output
+    times c_v). For the rectified flow (alpha = 1 - t, sigma = t) the target is z - x_0 and this
+    is the loss of Lipman et al. 2023 (eq. 23 with sigma_min = 0), Liu et al. 2023 and Esser et
+    al. 2024 (SD3). As score matching it is DSM with the weighting in the module docstring.
+
+    t_sampling: "uniform" (t ~ U(eps, T)) or "logit_normal" (SD3, sec. 3.1: t = sigmoid(m + s n),
+    n ~ N(0, 1), with m = logit_mean, s = logit_std; mapped linearly from (0, 1) onto
+    (eps, T)). `reduce_mean` takes the mean over dimensions, else half the sum.
+    """
+    if t_sampling not in T_SAMPLINGS:
+        raise ValueError(f"Unknown t sampling {t_sampling!r}: training.t_sampling must be one of "
+                         f"{list(T_SAMPLINGS)}.")
+    if logit_std <= 0:
+        raise ValueError(f"training.logit_std must be positive, got {logit_std}.")
+
+    def loss_fn(params, batch, key):
+        x0 = batch["x"]
+        z, u, dropout_rng = _draw(key, x0)
+        if t_sampling == "logit_normal":
+            u = jax.nn.sigmoid(logit_mean + logit_std * jax.scipy.special.ndtri(u))
+        t = eps + u * (sde.T - eps)
+        alpha, sigma, d_alpha, d_sigma = (batch_broadcast(c, x0) for c in sde.marginal_rates(t))
+        xt = alpha * x0 + sigma * z
+        score = score_model(params, xt, t, y=batch.get("label"), train=True, rng=dropout_rng)
+        target = d_alpha * x0 + d_sigma * z
+        return _reduce((velocity_from_score(sde, score, xt, t) - target) ** 2, reduce_mean)
+
+    return loss_fn
+
+
+def make_edm_loss(sde: SDE, score_model: Callable, *, p_mean: float = -1.2, p_std: float = 1.2,
+                  sigma_data: float = 0.5, reduce_mean: bool = True, eps: float = 1e-5) -> LossFn:
+    """EDM's loss (Karras et al. 2022, eq. 8 and Table 1), written for any process.
+
+    In the scaled variables x~ = x_t / alpha = x_0 + sigma~ z with sigma~ = sigma / alpha, the
+    noise level is log-normal, ln sigma~ ~ N(p_mean, p_std^2) (EDM: -1.2, 1.2), and the loss is
+    lambda(sigma~) || D(x_t) - x_0 ||^2 with lambda = (sigma~^2 + s_d^2) / (sigma~ s_d)^2 and
+    D = (x_t + sigma^2 score) / alpha the model's denoiser. The time of each sigma~ is
+    `sde.t_of_log_snr(-ln sigma~)`, clipped to [eps, T] (so sigma~ beyond the process's range
+    is drawn at its end). EDM sums over pixels; `reduce_mean` takes the mean (else half the sum),
+    which Adam's updates do not see apart from its eps.
+    """
+    if p_std <= 0 or sigma_data <= 0:
+        raise ValueError(f"training.p_std and data.sigma_data must be positive, got {p_std} and "
+                         f"{sigma_data}.")
+
+    def loss_fn(params, batch, key):
+        x0 = batch["x"]
+        z, u, dropout_rng = _draw(key, x0)
+        log_sigma = p_mean + p_std * jax.scipy.special.ndtri(u)
+        t = sde.t_of_log_snr(-log_sigma, t_min=eps)
+        alpha, sigma = (batch_broadcast(c, x0) for c in sde.marginal_coeffs(t))
+        xt = alpha * x0 + sigma * z
+        score = score_model(params, xt, t, y=batch.get("label"), train=True, rng=dropout_rng)
+        sigma_tilde = sigma / alpha
+        weight = (sigma_tilde**2 + sigma_data**2) / (sigma_tilde * sigma_data) ** 2
+        d = (xt + sigma**2 * score) / alpha
+        return _reduce(weight * (d - x0) ** 2, reduce_mean)
 
     return loss_fn
 
@@ -192,15 +282,30 @@ def classifier_log_prob_fn(net, params) -> Callable[[Array, Array], Array]:
     return log_prob
 
 
-def get_loss_fn(sde: SDE, score_model: Callable, *, continuous: bool = True,
+def get_loss_fn(sde: SDE, score_model: Callable, *, loss: str = "dsm", continuous: bool = True,
                 reduce_mean: bool = True, likelihood_weighting: bool = False,
-                eps: float = 1e-5) -> LossFn:
-    """The loss score_sde would train with: DSM if `continuous`, else DDPM (VP) or SMLD (VE)."""
+                eps: float = 1e-5, **options) -> LossFn:
+    """The loss called `loss` (one of LOSSES). "dsm" is the loss score_sde would train with:
+    DSM if `continuous`, else DDPM (VP) or SMLD (VE). `options` are those of
+    `make_flow_matching_loss` (t_sampling, logit_mean, logit_std) or `make_edm_loss` (p_mean,
+    p_std, sigma_data); an option of another loss is ignored."""
+    if loss not in LOSSES:
+        raise ValueError(f"Unknown loss {loss!r}: training.loss must be one of {list(LOSSES)}.")
+    if loss != "dsm" or likelihood_weighting:
+        if not continuous:
+            what = f"training.loss={loss!r}" if loss != "dsm" else "training.likelihood_weighting"
+            raise ValueError(f"{what} needs training.continuous=True.")
+    if loss == "flow_matching":
+        keys = ("t_sampling", "logit_mean", "logit_std")
+        return make_flow_matching_loss(sde, score_model, reduce_mean=reduce_mean, eps=eps,
+                                       **{k: v for k, v in options.items() if k in keys})
+    if loss == "edm":
+        keys = ("p_mean", "p_std", "sigma_data")
+        return make_edm_loss(sde, score_model, reduce_mean=reduce_mean, eps=eps,
+                             **{k: v for k, v in options.items() if k in keys})
     if continuous:
         return make_dsm_loss(sde, score_model, reduce_mean=reduce_mean,
                              likelihood_weighting=likelihood_weighting, eps=eps)
-    if likelihood_weighting:
-        raise ValueError("training.likelihood_weighting needs training.continuous=True.")
     if isinstance(sde, VESDE):
         return make_smld_loss(sde, score_model, reduce_mean=reduce_mean)
     return make_ddpm_loss(sde, score_model, reduce_mean=reduce_mean)

@@ -16,26 +16,22 @@ Shapes: x is (B, ...) and t is (B,); per-example scalars (diffusion, std, alpha,
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Array = jax.Array
-ScoreFn = Callable[[Array, Array], Array]
-
-
-def batch_broadcast(v: Array, x: Array) -> Array:
-    """Reshapes a per-example vector v (B,) so that it broadcasts against x (B, ...)."""
-    return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
-
-
-def _sum_except_batch(x: Array) -> Array:
-    return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+from diffusion.sde_base import (  # noqa: F401
+    SDE,
+    Array,
+    ReverseSDE,
+    ScoreFn,
+    _sum_except_batch,
+    batch_broadcast,
+    denoised,
+)
 
 
 def _chain_coeffs(alphas_cumprod: np.ndarray, i: Array) -> tuple[Array, Array]:
@@ -51,120 +47,6 @@ def _chain_coeffs(alphas_cumprod: np.ndarray, i: Array) -> tuple[Array, Array]:
 def _discrete_index(t: Array, T: float, N: int) -> Array:
     """Index i in {0, ..., N-1} of the discrete step that continuous time t maps to (score_sde)."""
     return jnp.clip(jnp.floor(t * (N - 1) / T), 0, N - 1).astype(jnp.int32)
-
-
-class SDE(abc.ABC):
-    """A forward SDE with Gaussian transition kernels x_t | x_0 ~ N(alpha(t) x_0, sigma(t)^2 I).
-
-    Subclasses define `beta`-like coefficients through `sde`, `marginal_coeffs`, the prior and the
-    discrete chain (`discretize`); everything else (marginals, reversal) is derived here.
-    """
-
-    N: int
-    T: float = 1.0
-
-    @abc.abstractmethod
-    def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
-        """Drift f(x, t) (shaped like x) and diffusion g(t) (B,)."""
-
-    @abc.abstractmethod
-    def marginal_coeffs(self, t: Array) -> tuple[Array, Array]:
-        """alpha(t), sigma(t), each (B,): x_t = alpha(t) x_0 + sigma(t) z, z ~ N(0, I)."""
-
-    @abc.abstractmethod
-    def prior_sampling(self, key: Array, shape: tuple[int, ...]) -> Array:
-        """Samples of the prior p_T; shape includes the batch."""
-
-    @abc.abstractmethod
-    def prior_logp(self, z: Array) -> Array:
-        """Log-density of the prior at z (B, ...), in nats, (B,)."""
-
-    @abc.abstractmethod
-    def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
-        """One step of the discrete chain this SDE is the limit of: x_{i+1} = x_i + f + G z.
-
-        Returns f shaped like x and G (B,), for the step that starts at time t.
-        """
-
-    def marginal_prob(self, x0: Array, t: Array) -> tuple[Array, Array]:
-        """Mean alpha(t) x_0 (shaped like x0) and std sigma(t) (B,) of p_{0t}(x_t | x_0)."""
-        alpha, sigma = self.marginal_coeffs(t)
-        return batch_broadcast(alpha, x0) * x0, sigma
-
-    def log_snr(self, t: Array) -> Array:
-        """lambda(t) = log(alpha(t) / sigma(t)), strictly decreasing in t; (B,)."""
-        alpha, sigma = self.marginal_coeffs(t)
-        return jnp.log(alpha) - jnp.log(sigma)
-
-    def t_of_log_snr(self, log_snr: Array, t_min: float = 0.0) -> Array:
-        """The time t in [t_min, T] with log_snr(t) = log_snr, by bisection (any shape).
-
-        Generic for every process whose log-SNR falls monotonically; 60 halvings take the bracket
-        below float64 resolution. Values outside [log_snr(T), log_snr(t_min)] clip to the ends.
-        """
-        log_snr = jnp.asarray(log_snr)
-        lo = jnp.full(log_snr.shape, t_min, log_snr.dtype)
-        hi = jnp.full(log_snr.shape, self.T, log_snr.dtype)
-
-        def halve(_, bracket):
-            lo, hi = bracket
-            mid = 0.5 * (lo + hi)
-            above = self.log_snr(mid.reshape(-1)).reshape(mid.shape) > log_snr
-            return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
-
-        lo, hi = jax.lax.fori_loop(0, 60, halve, (lo, hi))
-        return 0.5 * (lo + hi)
-
-    def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> ReverseSDE:
-        """The reverse-time SDE (eq. 6) or the probability-flow ODE (eq. 13) given a score."""
-        return ReverseSDE(self, score_fn, probability_flow)
-
-
-@dataclasses.dataclass(frozen=True)
-class ReverseSDE:
-    """Reverse-time process dx = [f - c g^2 score] dt + g' dw_bar, run from T down to 0.
-
-    c = 1 and g' = g for the reverse SDE (Anderson 1982; Song et al. eq. 6), c = 1/2 and g' = 0 for
-    the probability-flow ODE (eq. 13). `sde` and `discretize` return drift and diffusion in the
-    forward-time convention of `SDE`, i.e. a step from t to t - dt is x - drift dt + diffusion dw.
-    """
-
-    forward: SDE
-    score_fn: ScoreFn
-    probability_flow: bool = False
-
-    @property
-    def T(self) -> float:
-        return self.forward.T
-
-    @property
-    def N(self) -> int:
-        return self.forward.N
-
-    def _reverse(self, f: Array, g: Array, x: Array, t: Array) -> tuple[Array, Array]:
-        c = 0.5 if self.probability_flow else 1.0
-        drift = f - c * batch_broadcast(g, x) ** 2 * self.score_fn(x, t)
-        return drift, jnp.zeros_like(g) if self.probability_flow else g
-
-    def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
-        f, g = self.forward.sde(x, t)
-        return self._reverse(f, g, x, t)
-
-    def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
-        f, g = self.forward.discretize(x, t)
-        return self._reverse(f, g, x, t)
-
-    def marginal_coeffs(self, t: Array) -> tuple[Array, Array]:
-        return self.forward.marginal_coeffs(t)
-
-    def marginal_prob(self, x0: Array, t: Array) -> tuple[Array, Array]:
-        return self.forward.marginal_prob(x0, t)
-
-    def prior_sampling(self, key: Array, shape: tuple[int, ...]) -> Array:
-        return self.forward.prior_sampling(key, shape)
-
-    def prior_logp(self, z: Array) -> Array:
-        return self.forward.prior_logp(z)
 
 
 class _UnitGaussianPrior:
@@ -395,19 +277,71 @@ class VESDE(SDE):
         return jnp.zeros_like(x), jnp.sqrt(sigma**2 - previous**2)
 
 
+class Interpolant(SDE):
+    """A process given by its marginal coefficients alone: x_t = alpha(t) x_0 + sigma(t) z.
+
+    The SDE with these marginals is linear (Kingma et al. 2021, "Variational Diffusion Models",
+    eqs. 32-33; Song et al. 2021 eq. 29 in general form): dx = f(t) x dt + g(t) dw with
+    f = alpha'/alpha and g^2 = d sigma^2/dt - 2 f sigma^2 = -2 sigma^2 lambda'(t), lambda the
+    log-SNR. A subclass defines `marginal_coeffs` (and T); drift, diffusion and the Euler-Maruyama
+    chain follow here, and the prior is N(0, sigma(T)^2 I), the marginal of x_0 = 0 at T.
+    """
+
+    def sde(self, x, t):
+        alpha, sigma, d_alpha, d_sigma = self.marginal_rates(t)
+        f = d_alpha / alpha
+        return batch_broadcast(f, x) * x, jnp.sqrt(2.0 * sigma * (d_sigma - f * sigma))
+
+    def discretize(self, x, t):
+        dt = self.T / self.N
+        f, g = self.sde(x, t)
+        return f * dt, g * math.sqrt(dt)
+
+    def prior_sampling(self, key, shape):
+        return self._prior_std() * jax.random.normal(key, shape)
+
+    def prior_logp(self, z):
+        d, std = math.prod(z.shape[1:]), self._prior_std()
+        return -0.5 * d * math.log(2 * math.pi * std**2) - 0.5 * _sum_except_batch(z**2) / std**2
+
+    def _prior_std(self) -> float:
+        return float(self.marginal_coeffs(np.asarray([self.T], np.float64))[1][0])
+
+
+@dataclasses.dataclass(frozen=True)
+class RectifiedFlow(Interpolant):
+    """The rectified-flow / flow-matching interpolant x_t = (1 - t) x_0 + t z (Liu et al. 2023,
+    "Flow Straight and Fast"; Lipman et al. 2023, "Flow Matching"; Esser et al. 2024, SD3).
+
+    Its velocity is z - x_0 and its SDE (`Interpolant`) is dx = -x / (1 - t) dt +
+    sqrt(2 t / (1 - t)) dw. Drift, diffusion and the log-SNR log((1 - t) / t) diverge at t = 1,
+    where alpha = 0, so the process runs on [0, T] with T = 0.99 (field `T`, config.sde.T): every
+    sampler starts there and the likelihood integrates to there. The prior is N(0, T^2 I); the
+    marginal at T is N(0.01 x_0, 0.99^2 I), a mismatch as large as the VP SDE's (alpha(1) =
+    0.0066). (Closer to 1 the first Euler-Maruyama steps, of size 1/N, become large against 1 - T,
+    and the score-to-velocity conversion divides by 1 - T.) N is the default step count of the
+    PC sampler; the discrete chain is Euler-Maruyama.
+    """
+
+    N: int = 1000
+    T: float = 0.99
+
+    def __post_init__(self):
+        if not 0.0 < self.T < 1.0:
+            raise ValueError(f"RectifiedFlow needs 0 < T < 1 (alpha(1) = 0 makes the SDE singular "
+                             f"at t = 1), got sde.T={self.T}. The default is 0.99.")
+
+    def marginal_coeffs(self, t):
+        return 1.0 - t, t
+
+
 SDES: dict[str, type[SDE]] = {
     "vpsde": VPSDE,
     "subvpsde": SubVPSDE,
     "vesde": VESDE,
     "cosine_vpsde": CosineVPSDE,
+    "rectified_flow": RectifiedFlow,
 }
-
-
-def denoised(sde: SDE, score_fn: ScoreFn, x: Array, t: float) -> Array:
-    """Tweedie's estimate E[x_0 | x_t] = (x + sigma(t)^2 score(x, t)) / alpha(t) at one time t."""
-    t_batch = jnp.full((x.shape[0],), t, x.dtype)
-    alpha, sigma = sde.marginal_coeffs(t_batch)
-    return (x + batch_broadcast(sigma, x) ** 2 * score_fn(x, t_batch)) / batch_broadcast(alpha, x)
 
 
 def sde_fields(name: str) -> set[str]:
@@ -416,7 +350,8 @@ def sde_fields(name: str) -> set[str]:
 
 
 def get_sde(name: str, **kwargs) -> SDE:
-    """Builds the SDE called `name` ("vpsde" | "subvpsde" | "vesde" | "cosine_vpsde").
+    """Builds the SDE called `name` (a key of SDES: "vpsde" | "subvpsde" | "vesde" |
+    "cosine_vpsde" | "rectified_flow").
 
     Keyword arguments that belong to another SDE class (a config's `sde` block holds beta_* and
     sigma_* keys for all of them) are ignored; one that no SDE takes is a ValueError.

@@ -34,7 +34,7 @@ def _files(workdir) -> dict:
 # (key, bad value, what the one message says): unknown names, then sizes and step counts.
 BAD_VALUES = [
     ("sde.name", "vpp", r"Unknown SDE 'vpp': config\.sde\.name must be one of \['cosine_vpsde', "
-                        r"'subvpsde', 'vesde', 'vpsde'\]"),
+                        r"'rectified_flow', 'subvpsde', 'vesde', 'vpsde'\]"),
     ("model.name", "resnet", r"Unknown model 'resnet': config\.model\.name must be one of "
                              r"\['classifier', 'ddpmpp', 'mlp', 'ncsnpp', 'unet'\]"),
     ("sampling.method", "magic", r"Unknown sampler 'magic': config\.sampling\.method must be "

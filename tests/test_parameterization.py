@@ -3,7 +3,9 @@
 For data x_0 ~ N(0, s^2 I) and x_t = alpha x_0 + sigma z, x_t ~ N(0, v I) with
 v = alpha^2 s^2 + sigma^2, and the ideal network outputs are
 
-  score: -x_t / v,   epsilon: E[z | x_t] = sigma x_t / v,   x0: E[x_0 | x_t] = alpha s^2 x_t / v.
+  score: -x_t / v,   epsilon: E[z | x_t] = sigma x_t / v,   x0: D = E[x_0 | x_t] = alpha s^2 x_t / v,
+  v: (alpha' D + sigma' E[z | x_t]) / sqrt(alpha'^2 + sigma'^2),
+  edm: (D - c_skip x_t / alpha) / c_out with EDM's c_skip, c_out at sigma~ = sigma / alpha.
 
 A fake network that returns these, computed from its own inputs (c_in x_t and c_noise) by the
 conventions the module documents, must give back the exact score; a wrong c_in, c_noise or
@@ -28,7 +30,9 @@ SDES = {
     "subvp": sde_lib.SubVPSDE(),
     "cosine_vp": sde_lib.CosineVPSDE(),
     "ve": sde_lib.VESDE(),
+    "rectified_flow": sde_lib.RectifiedFlow(),
 }
+SIGMA_DATA = 0.5   # the edm parameterization's s_d, deliberately not DATA_STD
 
 
 def _expand(v, x):
@@ -36,7 +40,8 @@ def _expand(v, x):
 
 
 class GaussianIdealNet(nn.Module):
-    """The ideal `parameterization` output for N(0, DATA_STD^2 I) data, conditioned on 999 t."""
+    """The ideal `parameterization` output for N(0, DATA_STD^2 I) data, conditioned on 999 t
+    (on ln(sigma / alpha) / 4 and fed x_t / sqrt(sigma^2 + alpha^2 s_d^2) for "edm")."""
 
     sde: Any
     parameterization: str
@@ -44,13 +49,24 @@ class GaussianIdealNet(nn.Module):
 
     @nn.compact
     def __call__(self, x_in, c_noise, y=None, train=False):
-        alpha, sigma = self.sde.marginal_coeffs(c_noise / 999.0)
-        c_in = 1.0 / jnp.sqrt(alpha**2 + sigma**2) if self.scale_input else jnp.ones_like(sigma)
+        edm = self.parameterization == "edm"
+        t = self.sde.t_of_log_snr(-4.0 * c_noise) if edm else c_noise / 999.0
+        alpha, sigma, d_alpha, d_sigma = self.sde.marginal_rates(t)
+        if edm:
+            c_in = 1.0 / jnp.sqrt(sigma**2 + alpha**2 * SIGMA_DATA**2)
+        else:
+            c_in = 1.0 / jnp.sqrt(alpha**2 + sigma**2) if self.scale_input else 1.0 + 0 * sigma
         x = x_in / _expand(c_in, x_in)
-        var = _expand(alpha**2 * DATA_STD**2 + sigma**2, x)
-        ideal = {"score": -x / var, "epsilon": _expand(sigma, x) * x / var,
-                 "x0": _expand(alpha, x) * DATA_STD**2 * x / var}
-        return ideal[self.parameterization]
+        alpha, sigma, d_alpha, d_sigma = (_expand(c, x) for c in (alpha, sigma, d_alpha, d_sigma))
+        var = alpha**2 * DATA_STD**2 + sigma**2
+        x0, z = alpha * DATA_STD**2 * x / var, sigma * x / var     # E[x_0 | x_t], E[z | x_t]
+        sigma_tilde = sigma / alpha
+        c_skip = SIGMA_DATA**2 / (sigma_tilde**2 + SIGMA_DATA**2)
+        c_out = sigma_tilde * SIGMA_DATA / jnp.sqrt(sigma_tilde**2 + SIGMA_DATA**2)
+        ideal = {"score": lambda: -x / var, "epsilon": lambda: z, "x0": lambda: x0,
+                 "v": lambda: (d_alpha * x0 + d_sigma * z) / jnp.hypot(d_alpha, d_sigma),
+                 "edm": lambda: (x0 - c_skip * x / alpha) / c_out}
+        return ideal[self.parameterization]()
 
 
 class Echo(nn.Module):
@@ -75,7 +91,7 @@ class LabelsAndDropout(nn.Module):
 def _batch(shape=(6, 3, 2), t_min=0.05, dtype=jnp.float32):
     kx, kt = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, shape, dtype)
-    t = jax.random.uniform(kt, (shape[0],), dtype, t_min, 1.0)
+    t = jax.random.uniform(kt, (shape[0],), dtype, t_min, 0.99)   # the rectified flow's T
     return x, t
 
 
@@ -90,7 +106,12 @@ def _closed_form_score(sde, x, t):
 def test_ideal_network_gives_exact_gaussian_score(x64, sde_name, parameterization, scale_input):
     sde = SDES[sde_name]
     net = GaussianIdealNet(sde, parameterization, scale_input)
-    score_model = models.make_score_model(net, sde, parameterization, "time", scale_input)
+    if parameterization == "edm" and scale_input:
+        with pytest.raises(ValueError, match="scales the network input itself"):
+            models.make_score_model(net, sde, parameterization, "time", scale_input)
+        return
+    score_model = models.make_score_model(net, sde, parameterization, "time", scale_input,
+                                          sigma_data=SIGMA_DATA)
     score_fn = models.score_fn_from_model(score_model, {})
     x, t = _batch(dtype=jnp.float64)
     expected = _closed_form_score(sde, x, t)
@@ -103,17 +124,21 @@ def test_ideal_network_float32(parameterization):
     """Real runs are float32; t >= 1e-3 as in sampling, on the VE SDE (smallest sigma).
 
     "x0" forms (alpha F - x) / sigma^2 from F ~ x / alpha, so it loses about
-    eps_32 |x| / sigma^2 to cancellation (up to 4% of the score at t = 1e-3); the tolerance
-    allows that, and nothing more.
+    eps_32 |x| / sigma^2 to cancellation (up to 4% of the score at t = 1e-3); the ideal "edm"
+    output is itself such a difference, (D - c_skip x) / c_out with c_out ~ sigma, and loses the
+    same. The tolerance allows that, and nothing more.
     """
     sde = SDES["ve"]
-    score_model = models.make_score_model(GaussianIdealNet(sde, parameterization, True), sde,
-                                          parameterization, scale_input=True)
+    scale_input = parameterization != "edm"      # edm has its own c_in
+    score_model = models.make_score_model(GaussianIdealNet(sde, parameterization, scale_input),
+                                          sde, parameterization, scale_input=scale_input,
+                                          sigma_data=SIGMA_DATA)
     x, t = _batch(t_min=1e-3)
     expected = _closed_form_score(sde, x, t)
     sigma = _expand(sde.marginal_coeffs(t)[1], x)
     cancellation = 4 * np.finfo(np.float32).eps * np.abs(x) / sigma**2
-    tolerance = 1e-5 * np.abs(expected) + (cancellation if parameterization == "x0" else 0.0)
+    cancels = parameterization in ("x0", "edm")   # edm: the ideal F = (D - c_skip x) / c_out
+    tolerance = 1e-5 * np.abs(expected) + (cancellation if cancels else 0.0)
     assert np.all(np.abs(score_model({}, x, t) - expected) <= tolerance)
 
 
@@ -167,8 +192,9 @@ def test_works_with_real_network_parameters():
 
 def test_unknown_names():
     sde = SDES["vp"]
-    with pytest.raises(ValueError, match=r"parameterization 'v'.*\['score', 'epsilon', 'x0'\]"):
-        models.make_score_model(Echo(), sde, parameterization="v")
+    with pytest.raises(ValueError, match=r"parameterization 'velocity'.*\['score', 'epsilon', "
+                                         r"'x0', 'v', 'edm'\]"):
+        models.make_score_model(Echo(), sde, parameterization="velocity")
     with pytest.raises(ValueError, match=r"noise input 'sigma'.*\['time', 'log_sigma'\]"):
         models.make_score_model(Echo(), sde, noise_input="sigma")
 
@@ -220,3 +246,24 @@ def test_invalid_combinations():
         models.make_score_model(Echo(), sde, scale_input=True, center_input=True)
     with pytest.raises(ValueError, match="SubVPSDE has none"):
         models.make_score_model(Echo(), SDES["subvp"], continuous=False)
+    for name in ("v", "edm"):
+        with pytest.raises(ValueError, match=f"parameterization='{name}' is written on continuous"):
+            models.make_score_model(Echo(), sde, name, continuous=False)
+    with pytest.raises(ValueError, match="'edm' scales the network input itself"):
+        models.make_score_model(Echo(), sde, "edm", center_input=True)
+    with pytest.raises(ValueError, match="sigma_data .* must be positive"):
+        models.make_score_model(Echo(), sde, "edm", sigma_data=0.0)
+
+
+def test_velocity_output_is_salimans_and_ho_v_for_vp_and_z_minus_x0_for_the_flow():
+    """The "v" network target (alpha' x_0 + sigma' z) / sqrt(alpha'^2 + sigma'^2) (module
+    docstring): alpha z - sigma x_0 for every VP SDE, (z - x_0) / sqrt(2) for the rectified flow."""
+    x0, z = jax.random.normal(jax.random.key(0), (2, 6, 3))
+    _, t = _batch(shape=(6, 3))
+    for name, sde in SDES.items():
+        alpha, sigma, d_alpha, d_sigma = (_expand(c, x0) for c in sde.marginal_rates(t))
+        target = (d_alpha * x0 + d_sigma * z) / jnp.hypot(d_alpha, d_sigma)
+        if name in ("vp", "cosine_vp"):
+            np.testing.assert_allclose(target, alpha * z - sigma * x0, rtol=2e-5, atol=2e-6)
+        if name == "rectified_flow":
+            np.testing.assert_allclose(target, (z - x0) / np.sqrt(2.0), rtol=1e-6, atol=1e-6)

@@ -86,8 +86,9 @@ def get_score_model(config) -> ScoreModel:
     score_sde converter all use it).
 
     Reads config.model (name and network fields, parameterization, noise_input, scale_input,
-    scale_by_sigma), config.sde, config.training.continuous and config.data.centered (images in
-    [0, 1] are fed to the network as 2 x - 1, as score_sde's networks do). Computes in float32;
+    scale_by_sigma), config.sde, config.training.continuous, config.data.centered (images in
+    [0, 1] are fed to the network as 2 x - 1, as score_sde's networks do) and data.sigma_data
+    (the "edm" parameterization). Computes in float32;
     `dataclasses.replace(score_model, compute_dtype="bfloat16")` gives the mixed-precision one.
 
         score_model = get_score_model(config)
@@ -97,4 +98,5 @@ def get_score_model(config) -> ScoreModel:
     return make_score_model(
         get_model(config), sde_lib.get_sde(**config.sde), m.parameterization, m.noise_input,
         m.scale_input, scale_by_sigma=m.get("scale_by_sigma", False),
-        center_input=not config.data.centered, continuous=config.training.continuous)
+        center_input=not config.data.centered, continuous=config.training.continuous,
+        sigma_data=config.data.get("sigma_data", 0.5))

@@ -8,7 +8,24 @@ score_sde's `models/utils.py::get_score_fn`):
   "score"    F = grad log p_t(x_t)                       score = F
              with scale_by_sigma (score_sde's VE models): score = F / sigma
   "epsilon"  F = E[z | x_t]    (DDPM; score_sde's VP and sub-VP models)  score = -F / sigma
-  "x0"       F = E[x_0 | x_t]  (denoiser, EDM)           score = (alpha F - x_t) / sigma^2
+  "x0"       F = E[x_0 | x_t]  (denoiser)                score = (alpha F - x_t) / sigma^2
+  "v"        F = E[v | x_t] / c_v, v = alpha' x_0 + sigma' z the velocity of the interpolant
+             (flow matching), c_v = sqrt(alpha'^2 + sigma'^2) its std for unit-variance data:
+             score = (alpha c_v F - alpha' x_t) / (sigma (alpha' sigma - alpha sigma'))
+             For VP SDEs (alpha^2 + sigma^2 = 1, alpha = cos phi, sigma = sin phi), c_v = dphi/dt
+             and F is Salimans & Ho's (2022) v = alpha z - sigma x_0 exactly; for the rectified
+             flow F = (z - x_0) / sqrt(2); for VE it is z (epsilon). The velocity itself is
+             c_v F: the flow-matching loss regresses it.
+  "edm"      EDM's preconditioning (Karras et al. 2022, Table 1 and eq. 7) in the scaled
+             variables x~ = x_t / alpha, sigma~ = sigma / alpha, where every process reads
+             x~ = x_0 + sigma~ z: D = c_skip x~ + c_out F(c_in x~; c_noise) with
+             c_skip = s_d^2 / (sigma~^2 + s_d^2), c_out = sigma~ s_d / sqrt(sigma~^2 + s_d^2),
+             c_in = 1 / sqrt(sigma~^2 + s_d^2), c_noise = ln(sigma~) / 4 and s_d = sigma_data.
+             As a score (alpha D - x_t) / sigma^2 this is
+             score = -x_t / (sigma^2 + alpha^2 s_d^2) + alpha s_d F / (sigma sqrt(sigma^2 +
+             alpha^2 s_d^2)): the score of N(0, s_d^2) data plus the network's correction. It
+             sets the network's input and noise conditioning itself (noise_input is not used,
+             scale_input must be off).
 
 Noise conditioning of continuous-time models (`continuous=True`):
   noise_input "time":      c_noise = 999 t        (score_sde's continuous VP / sub-VP models:
@@ -54,12 +71,29 @@ from diffusion.sde import SDE, _discrete_index, batch_broadcast
 
 Array = jax.Array
 
-# What the network predicts -> score, given its output F, x_t and alpha, sigma broadcast to x.
+
+
+def _v_to_score(out, x, alpha, sigma, d_alpha, d_sigma, sigma_data):
+    scale = jnp.sqrt(d_alpha**2 + d_sigma**2)
+    return (alpha * scale * out - d_alpha * x) / (sigma * (d_alpha * sigma - alpha * d_sigma))
+
+
+def _edm_to_score(out, x, alpha, sigma, d_alpha, d_sigma, sigma_data):
+    variance = sigma**2 + (alpha * sigma_data) ** 2     # of x_t, for data of std sigma_data
+    return -x / variance + alpha * sigma_data * out / (sigma * jnp.sqrt(variance))
+
+
+# What the network predicts -> score, given its output F, x_t and (alpha, sigma, alpha', sigma')
+# broadcast to x (the rates are None for discrete-time models, which the "v" and "edm"
+# parameterizations refuse), and the data std of the "edm" parameterization.
 _OUTPUT_TO_SCORE = {
-    "score": lambda out, x, alpha, sigma: out,
-    "epsilon": lambda out, x, alpha, sigma: -out / sigma,
-    "x0": lambda out, x, alpha, sigma: (alpha * out - x) / sigma**2,
+    "score": lambda out, x, alpha, sigma, *_: out,
+    "epsilon": lambda out, x, alpha, sigma, *_: -out / sigma,
+    "x0": lambda out, x, alpha, sigma, *_: (alpha * out - x) / sigma**2,
+    "v": _v_to_score,
+    "edm": _edm_to_score,
 }
+_NEEDS_RATES = ("v",)
 # Noise conditioning c_noise (B,) of continuous-time models from t (B,) and sigma(t) (B,).
 _NOISE_CONDITIONING = {
     "time": lambda t, sigma: 999.0 * t,
@@ -101,6 +135,7 @@ class ScoreModel:
     scale_by_sigma: bool = False
     center_input: bool = False
     continuous: bool = True
+    sigma_data: float = 0.5
 
     def __post_init__(self):
         if self.parameterization not in _OUTPUT_TO_SCORE:
@@ -119,6 +154,17 @@ class ScoreModel:
         if self.scale_input and self.center_input:
             raise ValueError("model.scale_input assumes data centred at 0; it cannot be combined "
                              "with data in [0, 1] (data.centered=False). Set one of them off.")
+        if not self.continuous and self.parameterization in ("v", "edm"):
+            raise ValueError(f"model.parameterization={self.parameterization!r} is written on "
+                             f"continuous time (the rates alpha', sigma' or sigma~ = sigma / "
+                             f"alpha); use training.continuous=True.")
+        if self.parameterization == "edm" and (self.scale_input or self.center_input):
+            raise ValueError("model.parameterization='edm' scales the network input itself (c_in) "
+                             "and assumes data centred at 0: set model.scale_input=False and "
+                             "data.centered=True.")
+        if self.sigma_data <= 0:
+            raise ValueError(f"data.sigma_data (the data's std, EDM: 0.5) must be positive, got "
+                             f"{self.sigma_data}.")
         if not self.continuous and not hasattr(self.sde, "discrete_coeffs"):
             raise ValueError(f"A discrete-time model (training.continuous=False) is conditioned "
                              f"on the levels of the SDE's discrete chain; "
@@ -133,6 +179,8 @@ class ScoreModel:
         """(alpha, sigma, c_noise), each (B,), that the network is used with at times t (B,)."""
         if self.continuous:
             alpha, sigma = self.sde.marginal_coeffs(t)
+            if self.parameterization == "edm":
+                return alpha, sigma, 0.25 * (jnp.log(sigma) - jnp.log(alpha))
             return alpha, sigma, _NOISE_CONDITIONING[self.noise_input](t, sigma)
         steps = t * ((self.sde.N - 1) / self.sde.T)
         if self._ve_chain:   # score_sde: label round((T - t)(N - 1)), counted from sigma_max
@@ -151,7 +199,10 @@ class ScoreModel:
 
     def __call__(self, params, x: Array, t: Array, *, y: Array | None = None,
                  train: bool = False, rng: Array | None = None) -> Array:
-        return self.score(params, x, *self.conditioning(t), y=y, train=train, rng=rng)
+        rates = (self.sde.marginal_rates(t)[2:] if self.parameterization in _NEEDS_RATES
+                 else None)
+        return self.score(params, x, *self.conditioning(t), y=y, train=train, rng=rng,
+                          rates=rates)
 
     def at_level(self, params, x: Array, i: Array, *, y: Array | None = None,
                  train: bool = False, rng: Array | None = None) -> Array:
@@ -159,13 +210,18 @@ class ScoreModel:
         return self.score(params, x, *self.level_conditioning(i), y=y, train=train, rng=rng)
 
     def score(self, params, x: Array, alpha: Array, sigma: Array, c_noise: Array, *,
-              y: Array | None = None, train: bool = False, rng: Array | None = None) -> Array:
-        """The score of x (B, ...) given the (B,) coefficients and noise conditioning."""
+              y: Array | None = None, train: bool = False, rng: Array | None = None,
+              rates: tuple[Array, Array] | None = None) -> Array:
+        """The score of x (B, ...) given the (B,) coefficients and noise conditioning (and the
+        rates alpha'(t), sigma'(t) (B,) for the "v" parameterization)."""
         net_x = x
         if self.center_input:
             net_x = 2.0 * x - 1.0
         if self.scale_input:
             net_x = batch_broadcast(jax.lax.rsqrt(alpha**2 + sigma**2), x) * net_x
+        if self.parameterization == "edm":     # c_in x~ = x / sqrt(sigma^2 + alpha^2 s_d^2)
+            net_x = batch_broadcast(jax.lax.rsqrt(sigma**2 + (alpha * self.sigma_data) ** 2),
+                                    x) * net_x
         dtype = jnp.dtype(self.compute_dtype)
         if dtype != jnp.float32:      # mixed precision
             params = cast_floating(params, dtype)
@@ -176,8 +232,11 @@ class ScoreModel:
         sigma_x = batch_broadcast(sigma.astype(x.dtype), x)
         if self.scale_by_sigma:
             out = out / sigma_x
+        d_alpha, d_sigma = (None, None) if rates is None else (
+            batch_broadcast(r.astype(x.dtype), x) for r in rates)
         return _OUTPUT_TO_SCORE[self.parameterization](
-            out, x, batch_broadcast(alpha.astype(x.dtype), x), sigma_x)
+            out, x, batch_broadcast(alpha.astype(x.dtype), x), sigma_x, d_alpha, d_sigma,
+            self.sigma_data)
 
 
 def make_score_model(net: nn.Module, sde: SDE, parameterization: str = "epsilon",
@@ -193,7 +252,8 @@ def make_score_model(net: nn.Module, sde: SDE, parameterization: str = "epsilon"
       scale_input: feed c_in x with c_in = 1 / sqrt(alpha^2 + sigma^2) (else x itself).
       compute_dtype: the network's dtype, one of COMPUTE_DTYPES; "bfloat16" is mixed precision
         (see the module docstring). Parameters are float32 either way.
-      options: the other `ScoreModel` fields: scale_by_sigma, center_input, continuous.
+      options: the other `ScoreModel` fields: scale_by_sigma, center_input, continuous,
+        sigma_data (the data std of the "edm" parameterization).
     """
     return ScoreModel(net, sde, parameterization, noise_input, scale_input, compute_dtype,
                       **options)

@@ -1,0 +1,160 @@
+"""The forward process of score-based models and its reversal, for every SDE in `diffusion.sde`.
+
+`SDE` is the interface the samplers, losses and the likelihood use (Song et al. 2021, eqs. 5-6 and
+13): a forward SDE dx = f(x, t) dt + g(t) dw on [0, T] with Gaussian transition kernels
+x_t | x_0 ~ N(alpha(t) x_0, sigma(t)^2 I). `ReverseSDE` is its reverse-time SDE or probability-flow
+ODE given a score, and `denoised` is Tweedie's estimate of x_0. Shapes: x is (B, ...), t is (B,)
+and per-example scalars are (B,). The processes themselves are in `diffusion.sde`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+ScoreFn = Callable[[Array, Array], Array]
+
+
+def batch_broadcast(v: Array, x: Array) -> Array:
+    """Reshapes a per-example vector v (B,) so that it broadcasts against x (B, ...)."""
+    return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def _sum_except_batch(x: Array) -> Array:
+    return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+
+
+class SDE(abc.ABC):
+    """A forward SDE with Gaussian transition kernels x_t | x_0 ~ N(alpha(t) x_0, sigma(t)^2 I).
+
+    Subclasses define `beta`-like coefficients through `sde`, `marginal_coeffs`, the prior and the
+    discrete chain (`discretize`); everything else (marginals, reversal) is derived here.
+    """
+
+    N: int
+    T: float = 1.0
+
+    @abc.abstractmethod
+    def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+        """Drift f(x, t) (shaped like x) and diffusion g(t) (B,)."""
+
+    @abc.abstractmethod
+    def marginal_coeffs(self, t: Array) -> tuple[Array, Array]:
+        """alpha(t), sigma(t), each (B,): x_t = alpha(t) x_0 + sigma(t) z, z ~ N(0, I)."""
+
+    @abc.abstractmethod
+    def prior_sampling(self, key: Array, shape: tuple[int, ...]) -> Array:
+        """Samples of the prior p_T; shape includes the batch."""
+
+    @abc.abstractmethod
+    def prior_logp(self, z: Array) -> Array:
+        """Log-density of the prior at z (B, ...), in nats, (B,)."""
+
+    @abc.abstractmethod
+    def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
+        """One step of the discrete chain this SDE is the limit of: x_{i+1} = x_i + f + G z.
+
+        Returns f shaped like x and G (B,), for the step that starts at time t.
+        """
+
+    def marginal_prob(self, x0: Array, t: Array) -> tuple[Array, Array]:
+        """Mean alpha(t) x_0 (shaped like x0) and std sigma(t) (B,) of p_{0t}(x_t | x_0)."""
+        alpha, sigma = self.marginal_coeffs(t)
+        return batch_broadcast(alpha, x0) * x0, sigma
+
+    def marginal_rates(self, t: Array) -> tuple[Array, Array, Array, Array]:
+        """alpha(t), sigma(t) and their time derivatives alpha'(t), sigma'(t), each (B,).
+
+        The velocity of x_t = alpha x_0 + sigma z is alpha' x_0 + sigma' z (forward-mode AD of
+        `marginal_coeffs`, exact for every process here).
+        """
+        (alpha, sigma), (d_alpha, d_sigma) = jax.jvp(self.marginal_coeffs, (t,),
+                                                     (jnp.ones_like(t),))
+        return alpha, sigma, d_alpha, d_sigma
+
+    def log_snr(self, t: Array) -> Array:
+        """lambda(t) = log(alpha(t) / sigma(t)), strictly decreasing in t; (B,)."""
+        alpha, sigma = self.marginal_coeffs(t)
+        return jnp.log(alpha) - jnp.log(sigma)
+
+    def t_of_log_snr(self, log_snr: Array, t_min: float = 0.0) -> Array:
+        """The time t in [t_min, T] with log_snr(t) = log_snr, by bisection (any shape).
+
+        Generic for every process whose log-SNR falls monotonically; 60 halvings take the bracket
+        below float64 resolution. Values outside [log_snr(T), log_snr(t_min)] clip to the ends.
+        """
+        log_snr = jnp.asarray(log_snr)
+        lo = jnp.full(log_snr.shape, t_min, log_snr.dtype)
+        hi = jnp.full(log_snr.shape, self.T, log_snr.dtype)
+
+        def halve(_, bracket):
+            lo, hi = bracket
+            mid = 0.5 * (lo + hi)
+            above = self.log_snr(mid.reshape(-1)).reshape(mid.shape) > log_snr
+            return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(0, 60, halve, (lo, hi))
+        return 0.5 * (lo + hi)
+
+    def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> ReverseSDE:
+        """The reverse-time SDE (eq. 6) or the probability-flow ODE (eq. 13) given a score."""
+        return ReverseSDE(self, score_fn, probability_flow)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReverseSDE:
+    """Reverse-time process dx = [f - c g^2 score] dt + g' dw_bar, run from T down to 0.
+
+    c = 1 and g' = g for the reverse SDE (Anderson 1982; Song et al. eq. 6), c = 1/2 and g' = 0 for
+    the probability-flow ODE (eq. 13). `sde` and `discretize` return drift and diffusion in the
+    forward-time convention of `SDE`, i.e. a step from t to t - dt is x - drift dt + diffusion dw.
+    """
+
+    forward: SDE
+    score_fn: ScoreFn
+    probability_flow: bool = False
+
+    @property
+    def T(self) -> float:
+        return self.forward.T
+
+    @property
+    def N(self) -> int:
+        return self.forward.N
+
+    def _reverse(self, f: Array, g: Array, x: Array, t: Array) -> tuple[Array, Array]:
+        c = 0.5 if self.probability_flow else 1.0
+        drift = f - c * batch_broadcast(g, x) ** 2 * self.score_fn(x, t)
+        return drift, jnp.zeros_like(g) if self.probability_flow else g
+
+    def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+        f, g = self.forward.sde(x, t)
+        return self._reverse(f, g, x, t)
+
+    def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
+        f, g = self.forward.discretize(x, t)
+        return self._reverse(f, g, x, t)
+
+    def marginal_coeffs(self, t: Array) -> tuple[Array, Array]:
+        return self.forward.marginal_coeffs(t)
+
+    def marginal_prob(self, x0: Array, t: Array) -> tuple[Array, Array]:
+        return self.forward.marginal_prob(x0, t)
+
+    def prior_sampling(self, key: Array, shape: tuple[int, ...]) -> Array:
+        return self.forward.prior_sampling(key, shape)
+
+    def prior_logp(self, z: Array) -> Array:
+        return self.forward.prior_logp(z)
+
+
+def denoised(sde: SDE, score_fn: ScoreFn, x: Array, t: float) -> Array:
+    """Tweedie's estimate E[x_0 | x_t] = (x + sigma(t)^2 score(x, t)) / alpha(t) at one time t."""
+    t_batch = jnp.full((x.shape[0],), t, x.dtype)
+    alpha, sigma = sde.marginal_coeffs(t_batch)
+    return (x + batch_broadcast(sigma, x) ** 2 * score_fn(x, t_batch)) / batch_broadcast(alpha, x)
