@@ -33,10 +33,10 @@ def is_untrained(path) -> bool:
 
 
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
-    """DDPM's initialiser: variance_scaling(scale, "fan_avg", "uniform"); scale 0 gives zeros."""
-    if scale == 0.0:
-        return nn.initializers.zeros_init()
-    return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
+    """DDPM's initialiser: variance_scaling(scale, "fan_avg", "uniform"). Scale 0 means 1e-10
+    (weights of order 1e-5, not zeros), as in DDPM's and score_sde's `default_init` and EDM's
+    `init_zero` (xavier x 1e-5)."""
+    return nn.initializers.variance_scaling(scale or 1e-10, "fan_avg", "uniform")
 
 
 @functools.cache
