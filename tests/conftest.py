@@ -53,10 +53,11 @@ def inception_weights():
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
-    """`smoke_run(name) -> (config, workdir)`: experiments/<name>.py:smoke trained once per
-    session (in mock tfds data where it is not embedded), shared by the tests that sample and
-    evaluate it. Each call returns a fresh config. Tests may add samples and eval records to the
-    workdir; to train on or damage it, copy it first (`shutil.copytree`)."""
+    """`smoke_run(name) -> (config, workdir)`: experiments/<name>.py:smoke (a name "x:v" is
+    experiments/x.py:v,smoke) trained once per session (in mock tfds data where it is not
+    embedded), shared by the tests that sample and evaluate it. Each call returns a fresh
+    config. Tests may add samples and eval records to the workdir; to train on or damage it,
+    copy it first (`shutil.copytree`)."""
     import importlib
 
     from diffusion import train
@@ -65,9 +66,11 @@ def smoke_run(tmp_path_factory):
     workdirs = {}
 
     def run(name: str):
-        config = importlib.import_module(f"experiments.{name}").get_config("smoke")
+        module, _, variant = name.partition(":")     # "digits:flow" -> digits.py:flow,smoke
+        config = importlib.import_module(f"experiments.{module}").get_config(
+            f"{variant},smoke" if variant else "smoke")
         if name not in workdirs:
-            workdir = str(tmp_path_factory.mktemp(f"smoke_{name}"))
+            workdir = str(tmp_path_factory.mktemp(f"smoke_{name.replace(':', '_')}"))
             with data_context(config):
                 train.train_and_evaluate(config, workdir)
             workdirs[name] = workdir

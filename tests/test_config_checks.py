@@ -33,6 +33,16 @@ BAD_CONFIGS = [
                                      r"which reads \['N', 'beta_max', 'beta_min', 'name'\]"),
     (digits, "sde.beta_mn", 0.1, r"unknown key sde\.beta_mn; SDE 'vpsde' takes"),
     (digits, "sampling.stepz", 10, r"unknown key sampling\.stepz; sampler 'pc' takes"),
+    (digits, "training.loss", "l2", r"training\.loss='l2' is not one of \['dsm', "
+                                    r"'flow_matching', 'edm'\]"),
+    (digits, "training.t_sampling", "logit_normal", r"training\.t_sampling='logit_normal' is set "
+                                                    r"but not used by the DSM loss"),
+    (digits, "training.p_mean", -1.0, r"training\.p_mean=-1\.0 is set but not used by the DSM "
+                                      r"loss"),
+    (digits, "data.sigma_data", 0.7, r"data\.sigma_data=0\.7 is set but used only by the 'edm' "
+                                     r"parameterization and loss"),
+    (digits, "model.parameterization", "velocity", r"Unknown parameterization 'velocity'"),
+    (digits, "sde.T", 0.9, r"unknown key sde\.T; SDE 'vpsde' takes"),
     (digits, "training.n_iters", 1001, None),   # with n_jitted_steps = 5, below
     (digits, "training.likelihood_weighting", True, None),   # with continuous = False, below
 ]
@@ -89,6 +99,36 @@ def test_a_sampler_setting_the_chosen_sampler_ignores_is_a_note_not_an_error():
                      "which reads ['order', 'steps'] and the shared keys"]
     config.sampling.method = "pc"
     assert experiment.check_config(config) == []
+
+
+@pytest.mark.parametrize("variant, sde, parameterization, loss", [
+    ("flow", sde_lib.RectifiedFlow, "v", "flow_matching"), ("v", sde_lib.VPSDE, "v", "dsm"),
+    ("edm", sde_lib.VESDE, "edm", "edm")])
+def test_digits_variants_choose_process_parameterization_and_loss(variant, sde, parameterization,
+                                                                   loss):
+    for arg in (variant, f"{variant},smoke"):
+        config = digits.get_config(arg)
+        exp = experiment.build(config)
+        assert type(exp.sde) is sde and exp.score_model.parameterization == parameterization
+        assert config.training.loss == loss
+    base, other = digits.get_config(), digits.get_config(variant)
+    network = lambda c: {k: v for k, v in c.model.items() if k != "parameterization"}  # noqa: E731
+    assert network(base) == network(other)      # the same network, steps and optimiser
+    assert base.training.n_iters == other.training.n_iters and base.optim == other.optim
+    with pytest.raises(ValueError, match="use one of \\['edm', 'flow', 'v'\\]"):
+        digits.get_config(f"{variant},edm" if variant != "edm" else "edm,v")
+
+
+def test_a_flow_loss_option_on_the_rectified_flow_with_an_edm_key_is_refused():
+    config = digits.get_config("flow,smoke")
+    config.training.p_std = 2.0
+    with pytest.raises(ValueError, match=r"training\.p_std=2\.0 is set but not used by the "
+                                         r"flow_matching loss \(training\.loss='flow_matching'\)"):
+        experiment.build(config)
+    config = digits.get_config("edm,smoke")
+    config.model.noise_input = "log_sigma"
+    with pytest.raises(ValueError, match="the 'edm' parameterization conditions the network"):
+        experiment.build(config)
 
 
 def test_every_experiment_config_passes_the_checks():

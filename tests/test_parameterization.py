@@ -3,7 +3,8 @@
 For data x_0 ~ N(0, s^2 I) and x_t = alpha x_0 + sigma z, x_t ~ N(0, v I) with
 v = alpha^2 s^2 + sigma^2, and the ideal network outputs are
 
-  score: -x_t / v,   epsilon: E[z | x_t] = sigma x_t / v,   x0: D = E[x_0 | x_t] = alpha s^2 x_t / v,
+  score: -x_t / v,   epsilon: E[z | x_t] = sigma x_t / v,
+  x0: D = E[x_0 | x_t] = alpha s^2 x_t / v,
   v: (alpha' D + sigma' E[z | x_t]) / sqrt(alpha'^2 + sigma'^2),
   edm: (D - c_skip x_t / alpha) / c_out with EDM's c_skip, c_out at sigma~ = sigma / alpha.
 
