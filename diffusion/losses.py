@@ -4,12 +4,15 @@ and the discrete DDPM / SMLD losses.
 The continuous losses are one objective with different weightings and noise-level densities
 (Kingma & Gao 2023, "Understanding Diffusion Objectives"): with eps-MSE = || sigma s + z ||^2 the
 error of the model's noise prediction at x_t = alpha(t) x_0 + sigma(t) z,
-  DSM (default)        eps-MSE,                          t ~ U(eps, T)
-  DSM, likelihood w.   eps-MSE g^2 / sigma^2,            t ~ U(eps, T)
-  flow matching        eps-MSE sigma^2 lambda'(t)^2      t ~ U or logit-normal; rectified flow:
-                       (the velocity error),               eps-MSE / (1 - t)^2
-  EDM                  eps-MSE (sigma~^2 + s_d^2) / s_d^2  ln sigma~ ~ N(P_mean, P_std^2)
-                       (the weighted denoiser error),
+
+  loss                   weight on eps-MSE                 density of the noise level
+  DSM (default)          1                                 t ~ U(eps, T)
+  DSM, likelihood w.     g(t)^2 / sigma^2                  t ~ U(eps, T)
+  flow matching          sigma^2 lambda'(t)^2 (rectified   t ~ U(eps, T) or logit-normal
+  (velocity error)       flow: 1 / (1 - t)^2)
+  EDM (weighted          (sigma~^2 + s_d^2) / s_d^2        ln sigma~ ~ N(P_mean, P_std^2)
+  denoiser error)
+
 with lambda = log(alpha / sigma) the log-SNR and sigma~ = sigma / alpha. Each is minimised by the
 exact score whatever the network's parameterisation (diffusion/models/parameterization.py).
 

@@ -72,7 +72,6 @@ from diffusion.sde import SDE, _discrete_index, batch_broadcast
 Array = jax.Array
 
 
-
 def _v_to_score(out, x, alpha, sigma, d_alpha, d_sigma, sigma_data):
     scale = jnp.sqrt(d_alpha**2 + d_sigma**2)
     return (alpha * scale * out - d_alpha * x) / (sigma * (d_alpha * sigma - alpha * d_sigma))
