@@ -4,9 +4,10 @@ The four runs train the same U-Net for the same steps with the same optimiser (e
 digits.py and its :v, :edm and :flow variants); only the process, the parameterisation and the
 loss differ. Train them (about 5-10 minutes each on 2 CPU cores), then measure:
 
-    for v in "" :v :edm :flow; do
-      python scripts/run.py --config experiments/digits.py$v --workdir runs/compare/${v#:}
-    done       # the first one's workdir is runs/compare/ (rename it runs/compare/eps)
+    for v in eps v edm flow; do
+      python scripts/run.py --config experiments/digits.py$([ $v = eps ] || echo :$v) \
+          --workdir runs/compare/$v --config.training.snapshot_sampling=False
+    done
     python benchmarks/compare_digits.py --runs runs/compare
 
 For each model, from its EMA parameters:
