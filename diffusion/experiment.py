@@ -299,10 +299,18 @@ def _unknown_and_unused_keys(config) -> tuple[list[str], list[str]]:
                  "False) loss"}.get(loss, f"the {loss} loss (training.loss={loss!r})")
         problems += _check_section(config, base, "training", used=set(base.training) - unused,
                                    owner=owner)[1]
-        edm = "edm" in (loss, config.get("model", {}).get("parameterization"))
-        if "data" in config and not edm and _differs(config.data.get("sigma_data", 0.5), 0.5):
-            problems.append(f"data.sigma_data={config.data.sigma_data!r} is set but used only by "
-                            f"the 'edm' parameterization and loss, neither of which is chosen")
+        model = config.get("model", {})
+        edm = "edm" in (loss, model.get("parameterization"))
+        sigma_data = config.get("data", {}).get("sigma_data", base.data.sigma_data)
+        if not edm and _differs(sigma_data, base.data.sigma_data):
+            problems.append(f"data.sigma_data={sigma_data!r} is set but used only by the 'edm' "
+                            f"parameterization and loss, neither of which is chosen")
+        noise_input = model.get("noise_input", base.model.noise_input)
+        if model.get("parameterization") == "edm" and _differs(noise_input,
+                                                               base.model.noise_input):
+            problems.append(f"model.noise_input={noise_input!r} is set but the 'edm' "
+                            f"parameterization conditions the network on ln(sigma / alpha) / 4 "
+                            f"itself: leave model.noise_input at its default")
     return problems, notes
 
 
@@ -397,10 +405,6 @@ def _name_problems(config) -> list[str]:
     if config.training.loss == "flow_matching":
         choices.append(("training.t_sampling", config.training.t_sampling,
                         list(losses.T_SAMPLINGS)))
-    if config.model.parameterization == "edm" and config.model.noise_input != "time":
-        problems.append(f"model.noise_input={config.model.noise_input!r} is set but the 'edm' "
-                        f"parameterization conditions the network on ln(sigma / alpha) / 4 "
-                        f"itself: leave model.noise_input at its default")
     if config.model.name == "mlp":   # checked by the network only when it is first run
         choices += [("model.embed_at", config.model.get("embed_at", mlp.MLP.embed_at),
                      list(mlp.EMBED_AT)),
