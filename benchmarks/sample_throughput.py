@@ -115,8 +115,8 @@ def forward_flops(exp: experiment.Experiment, params, batch: int) -> float:
 
 def sampler_inputs(exp: experiment.Experiment, mesh, batch: int) -> dict:
     """The conditioning batch `generate.sample_batches` hands an unconditional sampler."""
-    host = {"y": np.zeros((batch,), np.int32), "cond": np.zeros((batch, 1), np.float32),
-            "mask": np.zeros((batch, 1), np.float32)}
+    host = {"index": np.arange(batch, dtype=np.int32), "y": np.zeros((batch,), np.int32),
+            "cond": np.zeros((batch, 1), np.float32), "mask": np.zeros((batch, 1), np.float32)}
     return jax.tree.map(lambda a: replicated_batch(a, mesh), host)
 
 

@@ -92,7 +92,7 @@ def _stream_indices(n: int, split: str, positions: np.ndarray, seed: int) -> np.
     """Example indices at stream `positions`: permutation_e[p mod n] of epoch e = p // n."""
     epochs, offsets = np.divmod(positions, n)
     indices = np.empty_like(positions)
-    for epoch in np.unique(epochs):
+    for epoch in np.unique(epochs):   # one or two epochs per batch: a permutation each
         here = epochs == epoch
         indices[here] = _permutation(int(seed), split, int(epoch), int(n))[offsets[here]]
     return indices
@@ -106,6 +106,8 @@ def take(source: Sequence, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 def _gather(source: Sequence, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(source, ArraySource):
         return source.take(indices)
+    # A tfds source reads and decodes one record at a time; the batch's records are read by
+    # worker processes ahead of the step (`BatchIterator`), not vectorised here.
     records = [source[int(i)] for i in indices]
     return (np.stack([np.asarray(r["x"]) for r in records]),
             np.asarray([r.get("label", 0) for r in records]))
@@ -122,6 +124,9 @@ def _to_unit_interval(pixels: np.ndarray, num_levels: int, positions: np.ndarray
     if not (dequantize or flip):
         return pixels.astype(np.float32) / np.float32(num_levels - 1)
     x = np.empty(pixels.shape, np.float32)
+    # One generator per example (seeded by its stream position: its noise does not depend on the
+    # batch), hence a loop over the batch's examples, ~10 us each; the tfds path runs it in the
+    # worker processes ahead of the step.
     for i, position in enumerate(positions):
         rng = np.random.default_rng([seed, _AUGMENT_STREAM, SPLITS.index(split), int(position)])
         mirrored = rng.random() < 0.5                            # drawn always: noise stays put

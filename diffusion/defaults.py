@@ -10,12 +10,13 @@ network, SDE, sampler or loss does not use. Keys:
   num_classes, remat, <network fields>}; data.{dataset,
   image_size, num_channels, crop_size, num_workers, centered, uniform_dequantization,
   random_flip, data_dir, train_split, eval_split, sigma_data};
-  training.{batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps,
+  training.{batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps, unroll,
   compute_dtype, loss, continuous, reduce_mean, likelihood_weighting, eps, t_sampling,
   logit_mean, logit_std, p_mean, p_std, snapshot_sampling, keep_checkpoints};
   optim.{lr, warmup, grad_clip, beta1, beta2, eps, weight_decay};
-  sampling.{method, steps, predictor, corrector, snr, n_steps_each, noise_removal, eps,
-  order, eta, rho, s_churn, rtol, atol, ode_solver, batch_size, num_samples};
+  sampling.{method, steps, predictor, corrector, snr, n_steps_each, corrector_norm,
+  noise_removal, denoiser, eps, order, eta, rho, s_churn, rtol, atol, ode_solver, batch_size,
+  num_samples};
   eval.{batch_size, num_batches, enable_bpd, bpd_num_batches, bpd_num_repeats, bpd_divergence,
   likelihood_eps, likelihood_rtol, likelihood_atol, enable_fid, fid_num_samples, fid_batch_size,
   fid_ref_split, fid_ref_max_examples, fid_stats_dir, inception_weights, kid_subsets,
@@ -83,6 +84,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     training.log_freq = 50
     training.eval_freq = 5_000          # EMA eval loss to TensorBoard; 0 disables
     training.n_jitted_steps = 1         # optimizer steps per jitted call
+    training.unroll = "auto"            # the n_jitted_steps loop: "unroll" (a Python loop, fast
+                                        # on XLA:CPU), "scan" (lax.scan: compiles once on
+                                        # GPU / TPU), "auto" (unroll on CPU, else scan)
     training.compute_dtype = "float32"  # "bfloat16": mixed precision (params, optimizer, EMA
                                         # stay float32; sampling / likelihood use float32)
     training.loss = "dsm"               # "dsm" (score_sde) | "flow_matching" (velocity
@@ -116,7 +120,15 @@ def get_default_config() -> ml_collections.ConfigDict:
     sampling.corrector = "none"         # "langevin" | "ald" | "none"
     sampling.snr = 0.16
     sampling.n_steps_each = 1           # corrector steps per predictor step
-    sampling.noise_removal = True       # end with E[x_0 | x_eps] (EDM: its last step to 0)
+    sampling.corrector_norm = "batch"   # pc, langevin: step size from the score / noise norms
+                                        # averaged over the (global) batch (score_sde), or
+                                        # "example": per sample, so that a sample does not
+                                        # depend on sampling.batch_size (our option)
+    sampling.noise_removal = True       # end with a noise-free step at eps: pc the last
+                                        # predictor's mean, ode sampling.denoiser, ddim /
+                                        # dpm_solver E[x_0 | x_eps], edm its last step to 0
+    sampling.denoiser = "reverse_diffusion"  # ode: score_sde's reverse-diffusion step at eps,
+                                        # or "tweedie": E[x_0 | x_eps] (our option)
     sampling.order = 2                  # dpm_solver: 1, 2 or 3 (DPM-Solver++ 2M / 3M)
     sampling.eta = 0.0                  # ddim: 0 deterministic, 1 DDPM-like noise
     sampling.rho = 7.0                  # edm: time-step exponent

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion import datasets, likelihood, metrics
+from diffusion import datasets, likelihood, metrics, rng
 from diffusion.experiment import EvalSettings, Experiment, build
 from diffusion.generate import draw_samples, sample_batches
 from diffusion.models import parameterization
@@ -40,10 +40,20 @@ from diffusion.train_state import restore_latest
 
 
 def eval_loss(exp: Experiment, params, num_batches: int, key: jax.Array) -> float:
-    """Mean loss of `params` (typically the EMA) on the eval split, over fixed noise."""
-    if "eval_loss" not in exp.compiled:
-        exp.compiled["eval_loss"] = jax.jit(lambda p, b, k: jnp.mean(exp.loss_fn(p, b, k)))
-    loss_fn = exp.compiled["eval_loss"]
+    """Mean loss of `params` (typically the EMA) on the eval split, over fixed noise.
+
+    Each batch of eval.batch_size is split over the devices of the mesh, as in training; the
+    example at position n of the eval stream draws its noise from fold_in(key, n), so the loss
+    does not depend on the devices."""
+    mesh = data_mesh()
+    cache_key = ("eval_loss", mesh)
+    if cache_key not in exp.compiled:
+        def device_losses(params, key, batch):
+            batch = dict(batch)
+            return exp.loss_fn(params, batch, rng.indexed(key, batch.pop("index")))
+
+        exp.compiled[cache_key] = map_over_batch(device_losses, mesh, out_specs=P(DATA_AXIS))
+    losses = exp.compiled[cache_key]
     bs = exp.eval.batch_size
     num_batches = min(num_batches, max(1, len(exp.dataset.eval) // bs))
     total = 0.0
@@ -51,9 +61,12 @@ def eval_loss(exp: Experiment, params, num_batches: int, key: jax.Array) -> floa
         batch = datasets.batch_at(exp.dataset, "eval", i, bs, seed=exp.seed, train=False,
                                   centered=exp.data.centered,
                                   uniform_dequantization=exp.data.uniform_dequantization)
-        if not exp.conditional:
-            batch = {"x": batch["x"]}
-        total += float(to_host(loss_fn(params, batch, jax.random.fold_in(key, i))))
+        keep = ("x", "label") if exp.conditional else ("x",)
+        batch = {k: batch[k] for k in keep} | {"index": np.arange(i * bs, (i + 1) * bs,
+                                                                  dtype=np.int32)}
+        per_example = losses(params, key, jax.tree.map(lambda a: replicated_batch(a, mesh),
+                                                       batch))
+        total += float(np.mean(to_host(per_example)))
     return total / num_batches
 
 
@@ -133,15 +146,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def make_log_likelihood(exp: Experiment, settings: EvalSettings, mesh: Mesh) -> Callable:
-    """A jitted `(params, key, x) -> (logp (B,), nfe (n_devices,))`, x sharded over the mesh."""
+    """A jitted `(params, key, batch) -> (logp (B,), nfe (n_devices,))`, batch = {"x": (B, ...),
+    "index": (B,)} sharded over the mesh. Example `index` draws its probe from fold_in(key,
+    index) (`diffusion.rng`), and the solver takes its own steps for it, so its logp does not
+    depend on the batch size or the devices."""
     e = settings
 
-    def device_logp(params, key, x):
-        key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+    def device_logp(params, key, batch):
         score_fn = parameterization.score_fn_from_model(exp.score_model, params)
         logp, nfe = likelihood.log_likelihood(
-            key, exp.sde, score_fn, x, divergence=e.bpd_divergence, rtol=e.likelihood_rtol,
-            atol=e.likelihood_atol, eps=e.likelihood_eps)
+            rng.indexed(key, batch["index"]), exp.sde, score_fn, batch["x"],
+            divergence=e.bpd_divergence, rtol=e.likelihood_rtol, atol=e.likelihood_atol,
+            eps=e.likelihood_eps)
         return logp, jnp.reshape(nfe, (1,))
 
     return map_over_batch(device_logp, mesh)
@@ -178,14 +194,14 @@ def eval_likelihood(exp: Experiment, params, mesh: Mesh) -> dict:
     key = exp.key("likelihood")
     logps, nfe = [], 0
     batches = [positions[i:i + bs] for i in range(0, len(positions), bs)]
-    for i, batch_positions in enumerate(progress(iter(batches), len(positions), bs,
-                                                 "likelihood examples")):
+    for batch_positions in progress(iter(batches), len(positions), bs, "likelihood examples"):
         # The last batch is padded to the compiled size by repeating its last example.
         padded = np.pad(batch_positions, (0, bs - len(batch_positions)), mode="edge")
         x = datasets.examples_at(exp.dataset, "eval", padded, seed=exp.seed,
                                  centered=exp.data.centered, uniform_dequantization=True)["x"]
-        logp, batch_nfe = log_likelihood_fn(params, jax.random.fold_in(key, i),
-                                            replicated_batch(x, mesh))
+        batch = {"x": x, "index": padded.astype(np.int32)}
+        logp, batch_nfe = log_likelihood_fn(params, key, jax.tree.map(
+            lambda a: replicated_batch(a, mesh), batch))
         logps.append(to_host(logp)[:len(batch_positions)])
         nfe = max(nfe, int(np.max(to_host(batch_nfe))))
     logp = np.concatenate(logps).astype(np.float64)
@@ -216,7 +232,7 @@ def sample_distances(exp: Experiment, params, mesh: Mesh) -> dict:
     samples, nfe = draw_samples(exp, params, mesh, exp.sampling.num_samples,
                                 exp.key("eval_samples"))
     n = min(len(exp.dataset.eval), 10_000)
-    ref = np.stack([exp.dataset.eval[i]["x"] for i in range(n)]).astype(np.float32)
+    ref = datasets.take(exp.dataset.eval, np.arange(n))[0].astype(np.float32)
     key = exp.key("projections")
     m = min(2000, n, len(samples))
     train_points = datasets.batch_at(exp.dataset, "train", 0, len(samples), seed=exp.seed,

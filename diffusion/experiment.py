@@ -31,13 +31,13 @@ from diffusion import datasets, defaults, likelihood, losses, models
 from diffusion import sde as sde_lib
 from diffusion.guide_settings import GuideSettings, guidance_problems
 from diffusion.models import mlp, parameterization
-from diffusion.sampling import CORRECTORS, PREDICTORS, SAMPLERS, ode
+from diffusion.sampling import CORRECTORS, PREDICTORS, SAMPLERS, ode, pc
 from diffusion.train_state import create_optimizer
 
 # What each sampler reads from config.sampling besides the keys every sampler reads.
 SAMPLER_KEYS = {
-    "pc": ("steps", "predictor", "corrector", "snr", "n_steps_each"),
-    "ode": ("rtol", "atol", "ode_solver"),
+    "pc": ("steps", "predictor", "corrector", "snr", "n_steps_each", "corrector_norm"),
+    "ode": ("rtol", "atol", "ode_solver", "denoiser"),
     "ddim": ("steps", "eta"),
     "dpm_solver": ("steps", "order"),
     "edm": ("steps", "rho", "s_churn"),
@@ -52,6 +52,8 @@ _LOSS_KEYS = {
     "flow_matching": ("reduce_mean", "eps", "t_sampling", "logit_mean", "logit_std"),
     "edm": ("reduce_mean", "eps", "p_mean", "p_std"),
 }
+# training.unroll: how the n_jitted_steps optimizer steps of one call are traced (train.py).
+UNROLL_CHOICES = ("auto", "unroll", "scan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,7 @@ class TrainSettings:
     keep_checkpoints: int
     ema_rate: float
     ema_warmup: bool
+    unroll: str = "auto"     # training.unroll: "auto" | "unroll" | "scan"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +204,7 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False) -
                           d.num_workers),
         train=TrainSettings(t.batch_size, t.n_iters, t.snapshot_freq, t.log_freq, t.eval_freq,
                             t.n_jitted_steps, t.snapshot_sampling, t.keep_checkpoints,
-                            m.ema_rate, m.ema_warmup),
+                            m.ema_rate, m.ema_warmup, t.get("unroll", "auto")),
         sampling=sampling_settings(config.sampling),
         eval=_eval_settings(config),
         description=description, config_json=config.to_json_best_effort(indent=2))
@@ -374,6 +377,12 @@ def _value_problems(config) -> list[str]:
     if config.sampling.batch_size % n_dev:
         problems.append(f"sampling.batch_size={config.sampling.batch_size} must be divisible by "
                         f"the number of devices ({n_dev})")
+    if config.eval.batch_size % n_dev:
+        problems.append(f"eval.batch_size={config.eval.batch_size} must be divisible by the "
+                        f"number of devices ({n_dev})")
+    if t.get("unroll", "auto") not in UNROLL_CHOICES:   # absent from older config.json
+        problems.append(f"training.unroll must be one of {list(UNROLL_CHOICES)}, got "
+                        f"{t.unroll!r}")
     if t.compute_dtype not in parameterization.COMPUTE_DTYPES:
         problems.append(f"training.compute_dtype must be one of "
                         f"{list(parameterization.COMPUTE_DTYPES)}, got {t.compute_dtype!r}")
@@ -396,9 +405,11 @@ def _name_problems(config) -> list[str]:
     choices = []
     if s.method == "pc":
         choices += [("sampling.predictor", s.predictor, sorted(PREDICTORS)),
-                    ("sampling.corrector", s.corrector, sorted(CORRECTORS))]
+                    ("sampling.corrector", s.corrector, sorted(CORRECTORS)),
+                    ("sampling.corrector_norm", s.corrector_norm, list(pc.CORRECTOR_NORMS))]
     if s.method == "ode":
-        choices.append(("sampling.ode_solver", s.ode_solver, sorted(ode.SOLVERS)))
+        choices += [("sampling.ode_solver", s.ode_solver, sorted(ode.SOLVERS)),
+                    ("sampling.denoiser", s.denoiser, list(ode.DENOISERS))]
     choices.append(("eval.bpd_divergence", config.eval.bpd_divergence,
                     list(likelihood.DIVERGENCES)))
     choices.append(("training.loss", config.training.loss, list(losses.LOSSES)))
@@ -417,6 +428,12 @@ def _name_problems(config) -> list[str]:
         if value not in valid:
             problems.append(f"{key}={value!r} is not one of {valid}"
                             + (" (or 'none')" if optional else ""))
+    if (s.method == "ode" and s.noise_removal and s.denoiser == "reverse_diffusion"
+            and config.sde.name == "vpsde" and config.sde.N <= config.sde.beta_max):
+        problems.append(f"sampling.denoiser='reverse_diffusion' (the ode sampler's noise removal) "
+                        f"takes a step of the DDPM chain of sde.N={config.sde.N} levels, which "
+                        f"needs sde.N > sde.beta_max={config.sde.beta_max}: raise sde.N, or set "
+                        f"sampling.denoiser='tweedie'")
     if (s.method == "pc" and s.predictor in _NONE_NAMES and s.corrector in _NONE_NAMES):
         problems.append("sampling.predictor and sampling.corrector are both 'none': the PC "
                         "sampler needs at least one")

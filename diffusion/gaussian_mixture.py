@@ -24,21 +24,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion import datasets
-from diffusion.sde import SDE
+from diffusion.sde import SDE, ScoreWithVelocity
 
 Array = jax.Array
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 in the rotations on GPUs
 
 
 def _is_tracer(*arrays) -> bool:
-    return any(isinstance(a, jax.core.Tracer) for a in arrays)
+    """Whether any of `arrays` is traced inside a transformation (has no value to check yet).
+
+    Asked by converting to numpy, which only a traced array refuses (public errors, unlike
+    `jax.core.Tracer`, whose home has moved between JAX versions)."""
+    try:
+        for a in arrays:
+            np.asarray(a)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return True
+    return False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -275,9 +283,35 @@ class GaussianMixture:
             return -jnp.sum(g, axis=1)
         return -jnp.einsum("kde,bke->bd", self.eigvecs.astype(x.dtype), g, precision=_HIGHEST)
 
-    def score_fn(self, sde: SDE) -> Callable[[Array, Array], Array]:
-        """The exact score as a sampler's score_fn(x (B, D), t (B,)) -> (B, D)."""
-        return lambda x, t: self.score(x, t, sde)
+    def posterior_mean(self, x, t, sde: SDE) -> Array:
+        """E[x_0 | x_t = x], (B, D): sum_k r_k(x) (mu_k + alpha S_k C_k^{-1} (x - alpha mu_k)),
+        finite where alpha(t) = 0 (there it is the data mean)."""
+        x = self._check_x(x)
+        log_joint, y, v = self._terms(x, t, sde)
+        alpha, _ = self._coeffs(t, sde, x.shape[0], x.dtype)
+        r = jax.nn.softmax(log_joint, axis=-1)
+        pulled = r[:, :, None] * self.eigvals.astype(x.dtype)[None] * y / v   # S_k C_k^{-1}(.)
+        if self.diagonal:
+            shrink = jnp.sum(pulled, axis=1)
+        else:
+            shrink = jnp.einsum("kde,bke->bd", self.eigvecs.astype(x.dtype), pulled,
+                                precision=_HIGHEST)
+        return r @ self.means.astype(x.dtype) + alpha[:, None] * shrink
+
+    def velocity(self, x, t, sde: SDE) -> Array:
+        """The exact probability-flow velocity alpha' E[x_0 | x_t] + sigma' E[z | x_t], (B, D),
+        with E[z | x_t] = -sigma score; finite where alpha(t) = 0."""
+        x = self._check_x(x)
+        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
+        _, sigma, d_alpha, d_sigma = sde.marginal_rates(t)
+        noise = -sigma[:, None] * self.score(x, t, sde)
+        return d_alpha[:, None] * self.posterior_mean(x, t, sde) + d_sigma[:, None] * noise
+
+    def score_fn(self, sde: SDE) -> ScoreWithVelocity:
+        """The exact score as a sampler's score_fn(x (B, D), t (B,)) -> (B, D), with the exact
+        velocity (`sde.ScoreWithVelocity`)."""
+        return ScoreWithVelocity(lambda x, t: self.score(x, t, sde),
+                                 lambda x, t: self.velocity(x, t, sde))
 
     def sample(self, key: Array, n: int, t=None, sde: SDE | None = None) -> Array:
         """n exact samples (n, D) of p_t (t a scalar or (n,)), or of the data when t is None."""

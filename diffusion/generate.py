@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion import datasets, files, guidance, losses, plotting
+from diffusion import datasets, files, guidance, losses, plotting, rng
 from diffusion.experiment import Experiment, SamplingSettings, build
 from diffusion.guide_settings import GuideSettings, parse_labels
 from diffusion.models import parameterization
@@ -34,9 +34,12 @@ def make_sampler(exp: Experiment, settings: SamplingSettings, batch_size: int,
                  mesh: Mesh, classifier=None) -> Callable:
     """A jitted `(params, key, batch) -> (samples (batch_size, *data_shape), nfe (n_devices,))`.
 
-    params = (score params, classifier params or None); batch = {"y": labels (B,), "cond":
-    the task's conditioning (B, ...), "mask": (B, ...)}, split over the mesh's devices; device i
-    samples with fold_in(key, i). Labels and guidance (`settings.guide`) select the score
+    params = (score params, classifier params or None); batch = {"index": the samples' global
+    indices (B,), "y": labels (B,), "cond": the task's conditioning (B, ...), "mask": (B, ...)},
+    split over the mesh's devices. Sample n draws all its noise from fold_in(key, n)
+    (`diffusion.rng`), so it is the same whatever the devices, processes and batch size (with
+    the pc sampler's "batch" corrector norm, the Langevin step size is one for the batch,
+    averaged over all devices). Labels and guidance (`settings.guide`) select the score
     (`diffusion.guidance`); a task (inpaint / colorize / super_resolve) the conditional sampler.
     For the pc sampler, `settings.pc_levels` > 0 sets the number of steps: the sampler then runs
     on the SDE's discrete chain with that many levels (N), which the reverse-diffusion /
@@ -47,13 +50,16 @@ def make_sampler(exp: Experiment, settings: SamplingSettings, batch_size: int,
     local_shape = (batch_size // mesh.devices.size, *exp.dataset.data_shape)
     g = settings.guide
 
+    if settings.method == "pc":   # score_sde's batch norm of the corrector spans all devices
+        kwargs["axis_name"] = DATA_AXIS
+
     def device_sample(params, key, batch):
-        key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+        keys = rng.indexed(key, batch["index"])
         score_fn = _score_fn(exp, g, *params, batch["y"], classifier)
         if g.task == "none":
-            x, nfe = sampler(key, sde, score_fn, local_shape, **kwargs)
+            x, nfe = sampler(keys, sde, score_fn, local_shape, **kwargs)
         else:
-            x, nfe = _task_sample(key, sde, score_fn, batch, g, settings.method, kwargs)
+            x, nfe = _task_sample(keys, sde, score_fn, batch, g, settings.method, kwargs)
         # The adaptive ODE solver may take a different number of steps on each device: NFE
         # comes back per device, and the caller reports the largest.
         return x, jnp.reshape(nfe, (1,))
@@ -110,10 +116,11 @@ def sample_batches(exp: Experiment, params, mesh: Mesh, num: int, key: jax.Array
                    cond: dict[str, np.ndarray] | None = None
                    ) -> Iterator[tuple[np.ndarray, int]]:
     """Yields (samples (b, *data_shape) in data space, NFE) in batches of sampling.batch_size,
-    `num` samples in all (the last batch cut to size); batch i uses fold_in(key, i).
+    `num` samples in all (the last batch cut to size); sample n uses fold_in(key, n), so the
+    samples do not depend on the batch size or the devices (`make_sampler`).
 
     Labels: `sampling.labels` cycled over the samples, else (a class-conditional model) uniformly
-    random (fold_in(key_i, 1)); `sample_labels` gives them. `cond`: the task's conditioning
+    random, sample n's from its key (`sample_labels`). `cond`: the task's conditioning
     arrays, `num` rows each (`task_inputs`); without it any task is ignored (FID, snapshots).
     With several processes every process must call this alike (the sampler is one program over
     all devices); each gets all samples.
@@ -134,30 +141,28 @@ def sample_batches(exp: Experiment, params, mesh: Mesh, num: int, key: jax.Array
     sampler = exp.compiled[cache_key]
     labels = sample_labels(exp, num, key)
     for i in range(math.ceil(num / bs)):
-        k = jax.random.fold_in(key, i)
         rows = np.minimum(np.arange(i * bs, (i + 1) * bs), num - 1)   # the last batch padded
-        batch = {"y": labels[rows], "cond": np.zeros((bs, 1), np.float32),
-                 "mask": np.zeros((bs, 1), np.float32)}
+        batch = {"index": rows.astype(np.int32), "y": labels[rows],
+                 "cond": np.zeros((bs, 1), np.float32), "mask": np.zeros((bs, 1), np.float32)}
         if cond is not None:
             batch.update({name: array[rows] for name, array in cond.items()})
-        x, nfe = sampler((params, classifier_params), k,
+        x, nfe = sampler((params, classifier_params), key,
                          jax.tree.map(lambda a: replicated_batch(a, mesh), batch))
         yield to_host(x)[:num - i * bs], int(np.max(to_host(nfe)))
 
 
 def sample_labels(exp: Experiment, num: int, key: jax.Array) -> np.ndarray:
     """The (num,) labels of `sample_batches`: sampling.labels cycled, or uniformly random for a
-    class-conditional model (zeros, unused, for an unconditional one)."""
+    class-conditional model, sample n's from fold_in(fold_in(key, n), rng.LABEL) (zeros,
+    unused, for an unconditional one)."""
     classes = exp.num_classes or (exp.dataset.num_classes or 0)
     listed = parse_labels(exp.sampling.guide.labels, classes)
     if listed is not None:
         return np.resize(np.asarray(listed, np.int32), num)
     if exp.conditional:
-        bs = exp.sampling.batch_size
-        keys = [jax.random.fold_in(jax.random.fold_in(key, i), 1)
-                for i in range(math.ceil(num / bs))]
-        return np.concatenate([np.asarray(jax.random.randint(k, (bs,), 0, exp.num_classes))
-                               for k in keys])[:num].astype(np.int32)
+        keys = rng.fold_in(rng.indexed(key, np.arange(num)), rng.LABEL)
+        draw = jax.vmap(lambda k: jax.random.randint(k, (), 0, exp.num_classes))
+        return np.asarray(draw(keys), np.int32)
     return np.zeros((num,), np.int32)
 
 
@@ -184,7 +189,7 @@ def save_samples_png(path: str, samples: np.ndarray, exp: Experiment, title: str
         plotting.save_image_grid(path, samples, ncol,
                                  transform=datasets.inverse_scaler(exp.data.centered))
     else:
-        ref = np.stack([exp.dataset.eval[i]["x"] for i in range(min(len(exp.dataset.eval), 5000))])
+        ref = datasets.take(exp.dataset.eval, np.arange(min(len(exp.dataset.eval), 5000)))[0]
         plotting.save_scatter(path, samples, ref[:, :2] if ref.shape[1] > 2 else ref, title=title)
 
 

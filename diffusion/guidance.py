@@ -55,7 +55,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from diffusion import sampling
+from diffusion import rng, sampling
 from diffusion.sde import SDE, ScoreFn, batch_broadcast
 
 Array = jax.Array
@@ -173,10 +173,12 @@ def replacement_sample(key: Array, sde: SDE, score_fn: ScoreFn, project: Callabl
     """Samples x with P x = `known` (= P x_0) given an orthogonal projection `project`.
 
     Args:
+      key: one PRNG key or (B,) keys, one per sample: sample b's noise (the prior, every step's,
+        the re-noised known part) comes from its key alone (`diffusion.rng`).
       sampler: "pc" (the paper's replacement method; kwargs go to `pc_sample`: predictor,
-        corrector, snr, n_corrector_steps, eps, denoise) or a deterministic sampler of
-        `diffusion.sampling` ("ddim", "dpm_solver", "edm", "ode"), run with the replaced data
-        prediction (kwargs go to it).
+        corrector, snr, n_corrector_steps, eps, denoise, corrector_norm, axis_name) or a
+        deterministic sampler of `diffusion.sampling` ("ddim", "dpm_solver", "edm", "ode"), run
+        with the replaced data prediction (kwargs go to it).
       steps: grid size of the PC sampler (its n_steps; a VP chain's reverse_diffusion predictor
         needs steps == sde.N), or the deterministic sampler's steps (ignored by "ode"); None:
         the sampler's default (sde.N for "pc").
@@ -201,7 +203,8 @@ def replacement_sample(key: Array, sde: SDE, score_fn: ScoreFn, project: Callabl
 
 def _replacement_pc(key, sde, score_fn, project, known, steps, resample,
                     predictor="reverse_diffusion", corrector="langevin", snr=0.16,
-                    n_corrector_steps=1, eps=1e-3, denoise=True):
+                    n_corrector_steps=1, eps=1e-3, denoise=True, corrector_norm="batch",
+                    axis_name=None):
     """The paper's replacement method; with resample > 1, RePaint's resampling on top."""
     if resample < 1 or int(resample) != resample:
         raise ValueError(f"resample must be an integer >= 1, got {resample!r}.")
@@ -211,11 +214,12 @@ def _replacement_pc(key, sde, score_fn, project, known, steps, resample,
         alpha, sigma = sde.marginal_coeffs(t)
         alpha, sigma = batch_broadcast(alpha, x), batch_broadcast(sigma, x)
         mean_known = alpha * known
-        noisy_known = mean_known + sigma * project(jax.random.normal(k, x.shape, x.dtype))
+        noisy_known = mean_known + sigma * project(rng.normal(k, x.shape, x.dtype))
         return x - project(x) + noisy_known, x_mean - project(x_mean) + mean_known
 
     pc_kwargs = dict(predictor=predictor, corrector=corrector, snr=snr,
-                     n_corrector_steps=n_corrector_steps, n_steps=steps, eps=eps, denoise=denoise)
+                     n_corrector_steps=n_corrector_steps, n_steps=steps, eps=eps, denoise=denoise,
+                     corrector_norm=corrector_norm, axis_name=axis_name)
     if resample == 1:
         return sampling.pc_sample(key, sde, score_fn, known.shape, condition=condition,
                                   **pc_kwargs)
@@ -223,14 +227,16 @@ def _replacement_pc(key, sde, score_fn, project, known, steps, resample,
 
 
 def _repaint(key, sde, score_fn, shape, condition, resample, predictor, corrector, snr,
-             n_corrector_steps, n_steps, eps, denoise):
+             n_corrector_steps, n_steps, eps, denoise, corrector_norm, axis_name):
     """RePaint (Lugmayr et al. 2022, Alg. 1) on the PC grid: each step from t_j to t_{j+1} runs
     `resample` times; between runs the state goes back from t_{j+1} to t_j by the forward
     transition x <- a x + s z (a = alpha_j / alpha_{j+1}, s^2 = sigma_j^2 - a^2 sigma_{j+1}^2)."""
-    prior_key, loop_key = jax.random.split(key)
-    x = sde.prior_sampling(prior_key, shape)
+    keys = rng.per_example(key, shape[0])
+    x = rng.prior(sde, keys, shape)
+    loop_keys = rng.fold_in(keys, rng.STEPS)
     one = sampling.pc_step_fn(sde, score_fn, shape, predictor, corrector, snr,
-                              n_corrector_steps, n_steps, eps, condition, x.dtype)
+                              n_corrector_steps, n_steps, eps, condition, x.dtype,
+                              corrector_norm, axis_name)
 
     def grid_step(carry, inputs):
         x, x_mean = carry
@@ -239,7 +245,7 @@ def _repaint(key, sde, score_fn, shape, condition, resample, predictor, correcto
 
         def run(u, carry):
             x, x_mean = carry
-            k = jax.random.fold_in(jax.random.fold_in(loop_key, j), u)
+            k = rng.fold_in(rng.fold_in(loop_keys, j), u)
             x, x_mean = one.step(k, x, x_mean, t, dt)
 
             def back(x):   # forward transition from t_next to t (not after the last run)
@@ -248,7 +254,7 @@ def _repaint(key, sde, score_fn, shape, condition, resample, predictor, correcto
                 a = batch_broadcast(a_t / a_n, x)
                 s = batch_broadcast(jnp.sqrt(jnp.maximum(s_t**2 - (a_t / a_n * s_n) ** 2, 0.0)),
                                     x)
-                z = jax.random.normal(jax.random.fold_in(k, 7), x.shape, x.dtype)
+                z = rng.normal(rng.fold_in(k, rng.RENOISE), x.shape, x.dtype)
                 return a * x + s * z
 
             x = jax.lax.cond(u < resample - 1, back, lambda x: x, x)

@@ -10,22 +10,24 @@ with p_T replaced by the prior. The divergence is the trace of the Jacobian of f
 Jacobian-vector product per dimension, for low-dimensional data) or Hutchinson's unbiased estimate
 E[v^T (df~/dx) v] with v Gaussian or Rademacher, one probe per example drawn once per solve
 (FFJORD, Grathwohl et al. 2019), for images. The state (x, int div) is integrated by the same
-adaptive diffrax solver as `sampling.ode_sample`; NFE counts evaluations of the ODE's vector field
-(each one score evaluation together with its Jacobian-vector products).
+adaptive diffrax solver as `sampling.ode_sample`, each example on its own steps, its probe from
+its own key (`diffusion.rng`): an example's log-likelihood does not depend on the batch it is
+computed in. NFE counts evaluations of the ODE's vector field (each one score evaluation together
+with its Jacobian-vector products).
 
-Every example's dynamics is independent of the others, so the batched Jacobian is block diagonal:
-one JVP of the batched vector field along the d-th unit direction (set in every example at once)
-gives column d of every example's Jacobian.
+For the rectified flow with a model that gives its velocity (`sde.ScoreWithVelocity`), the ODE
+runs up to t = 1, where the prior N(0, I) is the exact marginal (`sampling.ode.ode_process`);
+otherwise up to T, with `sde.prior_logp` standing in for p_T.
 """
 
 from __future__ import annotations
 
 import math
 
-import diffrax
 import jax
 import jax.numpy as jnp
 
+from diffusion import rng
 from diffusion.sampling import ode
 from diffusion.sde import SDE, ScoreFn, _sum_except_batch
 
@@ -35,7 +37,11 @@ DIVERGENCES = ("exact", "hutchinson_gaussian", "hutchinson_rademacher")
 
 
 def exact_divergence(fn, x: Array) -> tuple[Array, Array]:
-    """fn(x) and the trace of its per-example Jacobian, (B,), by one JVP per dimension."""
+    """fn(x) and the trace of its per-example Jacobian, (B,), by one JVP per dimension.
+
+    Every example's dynamics is independent of the others, so the batched Jacobian is block
+    diagonal: one JVP along the d-th unit direction (set in every example at once) gives column
+    d of every example's Jacobian."""
     batch, dims = x.shape[0], math.prod(x.shape[1:])
     value = fn(x)
 
@@ -54,11 +60,12 @@ def hutchinson_divergence(fn, x: Array, probe: Array) -> tuple[Array, Array]:
 
 
 def _probe(key: Array, kind: str, shape, dtype) -> Array | None:
-    if kind == "hutchinson_gaussian":
-        return jax.random.normal(key, shape, dtype)
-    if kind == "hutchinson_rademacher":
-        return jax.random.rademacher(key, shape, dtype)
-    return None
+    """Each example's probe from fold_in(its key, rng.PROBE); None for the exact divergence."""
+    if kind == "exact":
+        return None
+    keys = rng.fold_in(rng.per_example(key, shape[0]), rng.PROBE)
+    draw = rng.normal if kind == "hutchinson_gaussian" else rng.rademacher
+    return draw(keys, shape, dtype)
 
 
 def log_likelihood(key: Array, sde: SDE, score_fn: ScoreFn, x: Array,
@@ -68,13 +75,14 @@ def log_likelihood(key: Array, sde: SDE, score_fn: ScoreFn, x: Array,
     """log p_eps(x) in nats per example through the probability-flow ODE.
 
     Args:
-      key: PRNG key for the Hutchinson probes (unused for divergence="exact").
+      key: one PRNG key or (B,) keys, one per example, for the Hutchinson probes (unused for
+        divergence="exact"); example b's probe comes from its key (`diffusion.rng`).
       x: data (B, ...) in the model's data space (e.g. [-1, 1] images), taken as x(eps).
       divergence: "exact" | "hutchinson_gaussian" | "hutchinson_rademacher".
       rtol, atol: tolerances of the adaptive solver, for x and the integrated divergence.
       eps: the time the likelihood refers to (score_sde: 1e-5).
-      prior_logp: log-density (B,) to use at T instead of `sde.prior_logp` (e.g. the exact p_T of
-        a test distribution, to isolate the integration error from the prior mismatch).
+      prior_logp: log-density (B,) to use at the ODE's end instead of the prior's (e.g. the exact
+        p_T of a test distribution, to isolate the integration error from the prior mismatch).
       max_steps: adaptive steps allowed; a solve that needs more (or meets a non-finite score)
         raises `sampling.ode.ODESolverError` outside jit and gives NaN inside.
 
@@ -84,23 +92,20 @@ def log_likelihood(key: Array, sde: SDE, score_fn: ScoreFn, x: Array,
     if divergence not in DIVERGENCES:
         raise ValueError(f"Unknown divergence {divergence!r}: choose one of {DIVERGENCES}.")
     probe = _probe(key, divergence, x.shape, x.dtype)
-    flow = sde.reverse(score_fn, probability_flow=True)
+    process = ode.ode_process(sde, score_fn)
+    drift = ode.probability_flow_drift(process, score_fn)
 
-    def vector_field(t, state, args):
-        del args
+    def vector_field(t, state, probe):
         x, _ = state
-        t_batch = jnp.full((x.shape[0],), t, x.dtype)
-        drift_fn = lambda y: flow.sde(y, t_batch)[0]  # noqa: E731
+        drift_fn = lambda y: drift(t, y)  # noqa: E731
         if probe is None:
-            drift, div = exact_divergence(drift_fn, x)
-        else:
-            drift, div = hutchinson_divergence(drift_fn, x, probe)
-        return drift, div
+            return exact_divergence(drift_fn, x)
+        return hutchinson_divergence(drift_fn, x, probe)
 
     start = (x, jnp.zeros((x.shape[0],), x.dtype))
-    (z, integral), nfe = ode.solve(diffrax.ODETerm(vector_field), start, eps, sde.T, rtol, atol,
-                                   method, max_steps)
-    prior = sde.prior_logp if prior_logp is None else prior_logp
+    (z, integral), nfe = ode.solve(vector_field, start, eps, process.T, rtol, atol, method,
+                                   max_steps, args=probe)
+    prior = process.prior_logp if prior_logp is None else prior_logp
     return prior(z) + integral, nfe
 
 

@@ -25,9 +25,10 @@ Every loss is built by a `make_*_loss` factory from the SDE and a score model
 with batch = {"x": (B, ...) data, "label": (B,) ints} and key a (B,) array of per-example PRNG
 keys: the noise level and the noise an example gets depend only on its key, never on how the
 batch is split over devices (dropout, drawn for the whole batch, is the one exception). A single
-key is also accepted and split per example. The caller reduces over the batch. The discrete
-losses (DDPM, SMLD) condition the network on a level of the SDE's chain rather than a time, so
-they take a `ScoreModel` built with continuous=False and call its `at_level`.
+key is also accepted: example b then uses fold_in(key, b) (`diffusion.rng`). The caller
+reduces over the batch. The discrete losses (DDPM, SMLD) condition the network on a level of
+the SDE's chain rather than a time, so they take a `ScoreModel` built with continuous=False and
+call its `at_level`.
 """
 
 from __future__ import annotations
@@ -37,19 +38,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from diffusion import rng
 from diffusion.sde import SDE, VESDE, batch_broadcast
 
 Array = jax.Array
 LossFn = Callable[[dict, dict, Array], Array]
 LOSSES = ("dsm", "flow_matching", "edm")
 T_SAMPLINGS = ("uniform", "logit_normal")
-
-
-def _per_example_keys(key: Array, batch_size: int) -> Array:
-    """Accepts a single key or a (B,) batch of keys; returns (B,) keys."""
-    if jnp.ndim(key) == (1 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 2):
-        return key
-    return jax.random.split(key, batch_size)
 
 
 def _reduce(sq: Array, reduce_mean: bool) -> Array:
@@ -61,16 +56,13 @@ def _reduce(sq: Array, reduce_mean: bool) -> Array:
 def _draw(key: Array, x0: Array) -> tuple[Array, Array, Array]:
     """Per-example noise z ~ N(0, I) like x0 and u ~ U[0, 1) (B,), plus one dropout key.
 
-    Each example's (z, u) comes from its own key, so it does not depend on the batch layout.
+    Each example's (z, u) comes from its own key (purposes `rng.NOISE`, `rng.TIME`), so it does
+    not depend on the batch layout; the dropout key is the first example's, for `rng.DROPOUT`.
     """
-    keys = _per_example_keys(key, x0.shape[0])
-
-    def draw(k):
-        k_z, k_u = jax.random.split(k)
-        return jax.random.normal(k_z, x0.shape[1:], x0.dtype), jax.random.uniform(k_u)
-
-    z, u = jax.vmap(draw)(keys)
-    return z, u, jax.random.fold_in(keys[0], 1)
+    keys = rng.per_example(key, x0.shape[0])
+    z = rng.normal(rng.fold_in(keys, rng.NOISE), x0.shape, x0.dtype)
+    u = jax.vmap(jax.random.uniform)(rng.fold_in(keys, rng.TIME))
+    return z, u, jax.random.fold_in(keys[0], rng.DROPOUT)
 
 
 def make_dsm_loss(sde: SDE, score_model: Callable, *, reduce_mean: bool = True,
@@ -242,13 +234,13 @@ def with_label_dropout(loss_fn: LossFn, p: float, null_label: int) -> LossFn:
     """Training for classifier-free guidance (Ho & Salimans 2022): each example's label is
     replaced by the null label (`null_label` = model.num_classes) with probability p, so that one
     network learns the conditional and the unconditional score. The decision comes from the
-    example's own key (fold_in(key, 1)), independent of its noise draws."""
+    example's own key (purpose `rng.LABEL_DROPOUT`), independent of its noise and noise level."""
     if p == 0:
         return loss_fn
 
     def dropped(params, batch, key):
-        keys = _per_example_keys(key, batch["x"].shape[0])
-        drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 1), p))(keys)
+        keys = rng.per_example(key, batch["x"].shape[0])
+        drop = jax.vmap(lambda k: jax.random.bernoulli(k, p))(rng.fold_in(keys, rng.LABEL_DROPOUT))
         labels = jnp.where(drop, null_label, batch["label"]).astype(batch["label"].dtype)
         return loss_fn(params, dict(batch, label=labels), keys)
 

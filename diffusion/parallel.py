@@ -59,13 +59,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def map_over_batch(per_device: Callable, mesh: Mesh) -> Callable:
+def map_over_batch(per_device: Callable, mesh: Mesh, out_specs=None) -> Callable:
     """jit of `per_device(params, key, batch) -> (out (b, ...), stat (1,))` over `mesh`.
 
-    params and key are replicated; `batch` (B, ...) and both outputs are split over the devices
-    on their first dimension. No collectives run inside, so the varying-axis checks are off
-    (diffrax's loops do not annotate them). Used for sampling and likelihoods, where each device
-    works on its own rows; `per_device` folds `jax.lax.axis_index(DATA_AXIS)` into its key.
+    params and key are replicated; `batch` (a pytree of (B, ...) arrays) and the outputs are
+    split over the devices on their first dimension (`out_specs` for other outputs). The
+    varying-axis checks are off (diffrax's loops do not annotate them). Used for sampling, the
+    likelihood and the eval loss, where each device works on its own rows, each row's randomness
+    from the key of its global index (`diffusion.rng`).
     """
+    if out_specs is None:
+        out_specs = (P(DATA_AXIS), P(DATA_AXIS))
     return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
-                                 out_specs=(P(DATA_AXIS), P(DATA_AXIS)), check_vma=False))
+                                 out_specs=out_specs, check_vma=False))

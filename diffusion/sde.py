@@ -28,6 +28,7 @@ from diffusion.sde_base import (  # noqa: F401
     Array,
     ReverseSDE,
     ScoreFn,
+    ScoreWithVelocity,
     _sum_except_batch,
     batch_broadcast,
     denoised,
@@ -315,12 +316,15 @@ class RectifiedFlow(Interpolant):
 
     Its velocity is z - x_0 and its SDE (`Interpolant`) is dx = -x / (1 - t) dt +
     sqrt(2 t / (1 - t)) dw. Drift, diffusion and the log-SNR log((1 - t) / t) diverge at t = 1,
-    where alpha = 0, so the process runs on [0, T] with T = 0.99 (field `T`, config.sde.T): every
-    sampler starts there and the likelihood integrates to there. The prior is N(0, T^2 I); the
-    marginal at T is N(0.01 x_0, 0.99^2 I), a mismatch as large as the VP SDE's (alpha(1) =
-    0.0066). (Closer to 1 the first Euler-Maruyama steps, of size 1/N, become large against 1 - T,
-    and the score-to-velocity conversion divides by 1 - T.) N is the default step count of the
-    PC sampler; the discrete chain is Euler-Maruyama.
+    where alpha = 0, so the process runs on [0, T] with T = 0.99 (field `T`, config.sde.T): the
+    SDE's samplers and every sampler written on the log-SNR or sigma / alpha start there, from
+    the prior N(0, T^2 I), whereas the marginal at T is N(0.01 x_0, 0.99^2 I), a mismatch as
+    large as the VP SDE's (alpha(1) = 0.0066). (Closer to 1 the first Euler-Maruyama steps, of
+    size 1/N, become large against 1 - T, and the score-to-velocity conversion divides by 1 - T.)
+    The velocity itself is finite at t = 1: given it (a "v" model, `sde_base.ScoreWithVelocity`),
+    the probability-flow ODE and the likelihood run on [0, 1] from the exact prior N(0, I)
+    (`ode_process`). N is the default step count of the PC sampler; the discrete chain is
+    Euler-Maruyama.
     """
 
     N: int = 1000
@@ -333,6 +337,26 @@ class RectifiedFlow(Interpolant):
 
     def marginal_coeffs(self, t):
         return 1.0 - t, t
+
+    def ode_process(self) -> SDE:
+        """The rectified flow on [0, 1]: its velocity z - x_0 is finite at t = 1, so the
+        probability-flow ODE, given the model's velocity, starts there from the exact prior
+        N(0, I) (no prior mismatch), while the SDE's samplers keep T < 1."""
+        return _RectifiedFlowToOne(N=self.N)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RectifiedFlowToOne(RectifiedFlow):
+    """The rectified flow with T = 1, for the probability-flow ODE only (`ode_process`): its
+    SDE's drift and diffusion are infinite at t = 1, so no stochastic sampler may use it."""
+
+    T: float = 1.0
+
+    def __post_init__(self):
+        pass
+
+    def ode_process(self) -> SDE:
+        return self
 
 
 SDES: dict[str, type[SDE]] = {

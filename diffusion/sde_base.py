@@ -16,6 +16,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from diffusion.workarounds import after
+
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
@@ -105,6 +107,13 @@ class SDE(abc.ABC):
         """The reverse-time SDE (eq. 6) or the probability-flow ODE (eq. 13) given a score."""
         return ReverseSDE(self, score_fn, probability_flow)
 
+    def ode_process(self) -> SDE:
+        """The process whose end time T the probability-flow ODE may start from, given the
+        model's velocity (`ScoreWithVelocity`): this SDE itself, except for a process whose
+        velocity stays finite where its SDE's coefficients diverge (the rectified flow, which
+        then starts at t = 1 from the exact prior N(0, I))."""
+        return self
+
 
 @dataclasses.dataclass(frozen=True)
 class ReverseSDE:
@@ -153,8 +162,30 @@ class ReverseSDE:
         return self.forward.prior_logp(z)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreWithVelocity:
+    """A score function that also gives the probability-flow velocity directly.
+
+    Called as `score_fn(x, t)`, it is the score; `velocity(x, t)` (x (B, ...), t (B,)) is
+    dx/dt = alpha'(t) E[x_0 | x_t] + sigma'(t) E[z | x_t] of the probability-flow ODE (equal to
+    f - g^2 score / 2 for every process with x_t = alpha x_0 + sigma z), computed from what the
+    model predicts without passing through the score. It stays finite where alpha(t) = 0 (the
+    rectified flow at t = 1), where the score -x / sigma^2 holds nothing of the data and
+    f - g^2 score / 2 is infinity minus infinity. "v" models give it
+    (`models.parameterization.score_fn_from_model`), and the Gaussian mixtures for their exact
+    score (`GaussianMixture.score_fn`).
+    """
+
+    score: ScoreFn
+    velocity: ScoreFn
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        return self.score(x, t)
+
+
 def denoised(sde: SDE, score_fn: ScoreFn, x: Array, t: float) -> Array:
     """Tweedie's estimate E[x_0 | x_t] = (x + sigma(t)^2 score(x, t)) / alpha(t) at one time t."""
     t_batch = jnp.full((x.shape[0],), t, x.dtype)
     alpha, sigma = sde.marginal_coeffs(t_batch)
-    return (x + batch_broadcast(sigma, x) ** 2 * score_fn(x, t_batch)) / batch_broadcast(alpha, x)
+    score = score_fn(x, after(x, t_batch))   # evaluated once x is known (`workarounds`)
+    return (x + batch_broadcast(sigma, x) ** 2 * score) / batch_broadcast(alpha, x)

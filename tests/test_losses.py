@@ -179,3 +179,22 @@ def test_discrete_losses_reject_the_wrong_sde():
         losses.make_ddpm_loss(sde_lib.VPSDE(), exact_score_model(sde_lib.VPSDE()))
     with pytest.raises(ValueError, match="continuous"):
         losses.get_loss_fn(sde_lib.VPSDE(), None, continuous=False, likelihood_weighting=True)
+
+
+def test_label_dropout_is_independent_of_the_noise_level():
+    """Each example's label-dropout decision has its own key (`rng.LABEL_DROPOUT`). It once drew
+    from fold_in(key, 1), which is split(key)[1], the key of the example's noise level: labels
+    were then dropped exactly when u < p, i.e. only at the smallest times."""
+    seen = {}
+
+    def loss_fn(params, batch, keys):
+        _, u, _ = losses._draw(keys, batch["x"])
+        seen.update(label=np.asarray(batch["label"]), u=np.asarray(u))
+        return u
+
+    n = 8192
+    batch = {"x": jnp.zeros((n, 1)), "label": jnp.zeros((n,), jnp.int32)}
+    losses.with_label_dropout(loss_fn, 0.3, null_label=10)(None, batch, jax.random.key(0))
+    dropped, u = seen["label"] == 10, seen["u"]
+    for part in (u < 0.3, u >= 0.3):   # 4 standard errors: < 0.03 for these counts
+        assert abs(np.mean(dropped[part]) - 0.3) < 0.03, np.mean(dropped[part])

@@ -260,3 +260,42 @@ def test_ancestral_on_subvp_is_an_error():
     sde = sde_lib.SubVPSDE(N=10)
     with pytest.raises(ValueError, match="SubVPSDE has neither.*reverse_diffusion"):
         pc_sample(jax.random.key(0), sde, exact_score(sde), (2, 2), predictor="ancestral")
+
+
+@pytest.mark.parametrize("name", ["vp_cifar", "subvp_cifar", "ve_cifar", "ddpm_cifar"])
+def test_paper_configs_end_with_score_sdes_noise_removal(name):
+    """score_sde's PC sampler returns the last predictor's x_mean, from grid time eps with its
+    predictor's update (Euler-Maruyama with dt = 1 / N; reverse diffusion and ancestral at level
+    0): the paper configs' last grid step is that update, on Gaussian data's exact score."""
+    import importlib
+
+    from diffusion.experiment import sampling_settings
+    from diffusion.sampling import pc_step_fn
+
+    config = importlib.import_module(f"experiments.{name}").get_config()
+    sde = sde_lib.get_sde(**config.sde)
+    settings = sampling_settings(config.sampling)
+    kwargs = settings.kwargs
+
+    def score(x, t):
+        alpha, sigma = sde.marginal_coeffs(t)
+        return -x / (alpha**2 * S**2 + sigma**2)[:, None]
+
+    one = pc_step_fn(sde, score, (4, 2), kwargs["predictor"], None, n_steps=sde.N,
+                     eps=kwargs["eps"])
+    t, dt = float(one.ts[-1]), float(one.dts[-1])
+    assert t == pytest.approx(kwargs["eps"], rel=1e-6) and kwargs["denoise"]
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2)), jnp.float32)
+    _, x_mean = one.step(jax.random.key(0), x, x, t, dt)
+    s = np.asarray(score(x, jnp.full((4,), t)))
+    x = np.asarray(x)
+    if kwargs["predictor"] == "euler_maruyama":      # score_sde: x - [f - g^2 s] / N
+        assert dt == pytest.approx(1.0 / sde.N, rel=1e-4)
+        f, g = (np.asarray(v) for v in sde.sde(jnp.asarray(x), jnp.full((4,), t)))
+        expected = x - (f - g[:, None] ** 2 * s) / sde.N
+    elif kwargs["predictor"] == "reverse_diffusion":  # VE level 0: x + sigma_min^2 s
+        expected = x + sde.sigma_min**2 * s
+    else:                                # DDPM level 0: (x + beta_0 s) / sqrt(1 - beta_0)
+        beta_0 = sde.beta_min / sde.N
+        expected = (x + beta_0 * s) / np.sqrt(1.0 - beta_0)
+    np.testing.assert_allclose(x_mean, expected, rtol=1e-5, atol=1e-7)

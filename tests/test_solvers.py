@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import metrics, sampling
+from diffusion import metrics, rng, sampling
 from diffusion import sde as sde_lib
 from diffusion.gaussian_mixture import GaussianMixture
 from diffusion.sampling import solvers
@@ -38,7 +38,7 @@ def relative_error(sampler, sde, steps):
     """|x_eps / x_eps_exact - 1| of a deterministic sampler on 1-D Gaussian data."""
     key = jax.random.key(0)
     x, _ = sampler(key, sde, gaussian_score(sde), (1, 1), steps=steps)
-    x_T = sde.prior_sampling(key, (1, 1))
+    x_T = rng.prior(sde, key, (1, 1))   # the samplers' prior draw
     v = gaussian_variance(sde, jnp.asarray([sde.T, EPS]))
     return abs(float(x[0, 0] / x_T[0, 0]) / float(jnp.sqrt(v[1] / v[0])) - 1.0)
 

@@ -237,11 +237,12 @@ def test_bits_per_dim_protocol_passes_over_the_whole_split(monkeypatch):
     config = digits.get_config("smoke")
     config.eval.bpd_num_batches, config.eval.bpd_num_repeats = 0, 2
     exp = train.build(config)
-    seen = []
+    seen, positions = [], []
 
-    def fake_log_likelihood(params, key, x):
-        x = np.asarray(x)
+    def fake_log_likelihood(params, key, batch):
+        x = np.asarray(batch["x"])
         seen.append(x)
+        positions.append(np.asarray(batch["index"]))
         return jnp.asarray(-np.sum(x**2, axis=(1, 2, 3))), jnp.ones((4,), jnp.int32)
 
     monkeypatch.setattr(evaluate, "make_log_likelihood", lambda *args: fake_log_likelihood)
@@ -249,6 +250,8 @@ def test_bits_per_dim_protocol_passes_over_the_whole_split(monkeypatch):
     n = len(exp.dataset.eval)
     assert record["likelihood_examples"] == 2 * n
     assert all(len(x) == config.eval.batch_size for x in seen)        # padded batches
+    # Each example's key (its Hutchinson probe) is that of its stream position p n + i.
+    np.testing.assert_array_equal(np.concatenate(positions)[:2 * n], np.arange(2 * n))
     x = np.concatenate(seen)[:2 * n]      # the last batch's padding comes after the 2n examples
     levels = np.floor((x + 1) / 2 * exp.dataset.num_levels)           # undo dequantization
     first, second = levels[:n].reshape(n, -1), levels[n:].reshape(n, -1)

@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion.models.layers import is_untrained
-from diffusion.sde import SDE, _discrete_index, batch_broadcast
+from diffusion.sde import SDE, ScoreWithVelocity, _discrete_index, batch_broadcast
 
 Array = jax.Array
 
@@ -93,6 +93,7 @@ _OUTPUT_TO_SCORE = {
     "edm": _edm_to_score,
 }
 _NEEDS_RATES = ("v",)
+
 # Noise conditioning c_noise (B,) of continuous-time models from t (B,) and sigma(t) (B,).
 _NOISE_CONDITIONING = {
     "time": lambda t, sigma: 999.0 * t,
@@ -208,11 +209,41 @@ class ScoreModel:
         """The score at discrete level i (B,) int of the SDE's chain (discrete training)."""
         return self.score(params, x, *self.level_conditioning(i), y=y, train=train, rng=rng)
 
+    @property
+    def has_velocity(self) -> bool:
+        """Whether `velocity` is available: a continuous-time "v" model, whose output is the
+        velocity itself. (Every other parameterization reaches it through the score or divides
+        by alpha; EDM's noise conditioning ln(sigma / alpha) / 4 is infinite where alpha = 0.)"""
+        return self.continuous and self.parameterization == "v"
+
+    def velocity(self, params, x: Array, t: Array, *, y: Array | None = None) -> Array:
+        """The probability-flow velocity alpha' E[x_0 | x_t] + sigma' E[z | x_t] at times t (B,),
+        c_v F, in evaluation mode (`sde.ScoreWithVelocity`): finite where alpha = 0."""
+        if not self.has_velocity:
+            raise ValueError(f"A {self.parameterization!r} model gives its velocity only through "
+                             f"the score; `velocity` is for continuous-time 'v' models.")
+        alpha, sigma, c_noise = self.conditioning(t)
+        _, _, d_alpha, d_sigma = self.sde.marginal_rates(t)
+        out = self.output(params, x, alpha, sigma, c_noise, y=y)
+        return batch_broadcast(jnp.sqrt(d_alpha**2 + d_sigma**2).astype(x.dtype), x) * out
+
     def score(self, params, x: Array, alpha: Array, sigma: Array, c_noise: Array, *,
               y: Array | None = None, train: bool = False, rng: Array | None = None,
               rates: tuple[Array, Array] | None = None) -> Array:
         """The score of x (B, ...) given the (B,) coefficients and noise conditioning (and the
         rates alpha'(t), sigma'(t) (B,) for the "v" parameterization)."""
+        out = self.output(params, x, alpha, sigma, c_noise, y=y, train=train, rng=rng)
+        sigma_x = batch_broadcast(sigma.astype(x.dtype), x)
+        d_alpha, d_sigma = (None, None) if rates is None else (
+            batch_broadcast(r.astype(x.dtype), x) for r in rates)
+        return _OUTPUT_TO_SCORE[self.parameterization](
+            out, x, batch_broadcast(alpha.astype(x.dtype), x), sigma_x, d_alpha, d_sigma,
+            self.sigma_data)
+
+    def output(self, params, x: Array, alpha: Array, sigma: Array, c_noise: Array, *,
+               y: Array | None = None, train: bool = False, rng: Array | None = None) -> Array:
+        """The network's output F for x (B, ...) (in x's dtype, divided by sigma with
+        scale_by_sigma), from its input as the module docstring gives it."""
         net_x = x
         if self.center_input:
             net_x = 2.0 * x - 1.0
@@ -228,14 +259,9 @@ class ScoreModel:
         out = self.net.apply({"params": params}, net_x, c_noise, y=y,
                              train=train, rngs={} if rng is None else {"dropout": rng})
         out = out.astype(x.dtype)
-        sigma_x = batch_broadcast(sigma.astype(x.dtype), x)
         if self.scale_by_sigma:
-            out = out / sigma_x
-        d_alpha, d_sigma = (None, None) if rates is None else (
-            batch_broadcast(r.astype(x.dtype), x) for r in rates)
-        return _OUTPUT_TO_SCORE[self.parameterization](
-            out, x, batch_broadcast(alpha.astype(x.dtype), x), sigma_x, d_alpha, d_sigma,
-            self.sigma_data)
+            out = out / batch_broadcast(sigma.astype(x.dtype), x)
+        return out
 
 
 def make_score_model(net: nn.Module, sde: SDE, parameterization: str = "epsilon",
@@ -262,10 +288,14 @@ def score_fn_from_model(score_model: Callable, params, y: Array | None = None
                         ) -> Callable[[Array, Array], Array]:
     """The plain score_fn(x, t) -> score of `score_model` in evaluation mode (no dropout).
 
-    y, if given, are the (B,) labels every call is conditioned on.
+    y, if given, are the (B,) labels every call is conditioned on. For a model that gives its
+    velocity ("v", `ScoreModel.has_velocity`) it is a `sde.ScoreWithVelocity`, whose
+    `velocity(x, t)` the probability-flow ODE follows.
     """
 
     def score_fn(x: Array, t: Array) -> Array:
         return score_model(params, x, t, y=y, train=False)
 
+    if getattr(score_model, "has_velocity", False):
+        return ScoreWithVelocity(score_fn, lambda x, t: score_model.velocity(params, x, t, y=y))
     return score_fn

@@ -22,6 +22,7 @@ only through alpha_i = 1 - beta_i (below) and is valid on any grid, as is "euler
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -29,16 +30,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from diffusion import rng
 from diffusion.sde import SDE, ScoreFn, _discrete_index, batch_broadcast
+from diffusion.workarounds import sequenced
 
 Array = jax.Array
 StepFn = Callable[[Array, SDE, ScoreFn, Array, Array, Array], tuple[Array, Array]]
 
 
 def _add_noise(key: Array, x_mean: Array, std: Array) -> Array:
-    """x_mean + std z with z ~ N(0, I); std is (B,)."""
-    z = jax.random.normal(key, x_mean.shape, x_mean.dtype)
-    return x_mean + batch_broadcast(std, x_mean) * z
+    """x_mean + std z with z ~ N(0, I), each example's z from its own key; std is (B,)."""
+    return x_mean + batch_broadcast(std, x_mean) * rng.normal(key, x_mean.shape, x_mean.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,18 +132,29 @@ def _langevin_step(x, score, z, step_size):
     return x_mean + batch_broadcast(jnp.sqrt(2.0 * step_size), x) * z, x_mean
 
 
-def langevin(key, sde, score_fn, x, t, snr):
+def langevin(key, sde, score_fn, x, t, snr, norm="batch", axis_name=None):
     """Langevin corrector with a target signal-to-noise ratio (Algorithm 5, VP; Algorithm 4, VE).
 
     eps = 2 alpha_i (snr ||z|| / ||score||)^2, where ||.|| is the L2 norm of one example over all
-    non-batch dims, averaged over the batch (as score_sde does; one step size for the batch, which
-    stays stable in low dimension where per-example norms fluctuate). alpha_i = 1 - beta_i at level
-    floor(t (N - 1) / T) for SDEs with discrete betas (VP, cosine), else 1 (VE, sub-VP).
+    non-batch dims. alpha_i = 1 - beta_i at level floor(t (N - 1) / T) for SDEs with discrete
+    betas (VP, cosine), else 1 (VE, sub-VP).
+
+    norm="batch" (score_sde): both norms are averaged over the batch, and over the devices of
+    `axis_name` when the sampler runs mapped over a mesh (score_sde's pmean), so the whole batch
+    takes one step size; it stays stable in low dimension, where per-example norms fluctuate, but
+    a sample then depends on the batch it is drawn in. norm="example": each example its own step
+    size, so a sample depends on its own key only (`diffusion.rng`).
     """
+    if norm not in CORRECTOR_NORMS:
+        raise ValueError(f"Unknown corrector norm {norm!r}: choose one of {CORRECTOR_NORMS}.")
     score = score_fn(x, t)
-    z = jax.random.normal(key, x.shape, x.dtype)
-    score_norm = jnp.mean(jnp.linalg.norm(jnp.reshape(score, (x.shape[0], -1)), axis=-1))
-    noise_norm = jnp.mean(jnp.linalg.norm(jnp.reshape(z, (x.shape[0], -1)), axis=-1))
+    z = rng.normal(key, x.shape, x.dtype)
+    score_norm = jnp.linalg.norm(jnp.reshape(score, (x.shape[0], -1)), axis=-1)
+    noise_norm = jnp.linalg.norm(jnp.reshape(z, (x.shape[0], -1)), axis=-1)
+    if norm == "batch":
+        score_norm, noise_norm = jnp.mean(score_norm), jnp.mean(noise_norm)
+        if axis_name is not None:
+            score_norm, noise_norm = lax.pmean((score_norm, noise_norm), axis_name)
     step_size = 2.0 * _langevin_alpha(sde, t, x.dtype) * (snr * noise_norm / score_norm) ** 2
     return _langevin_step(x, score, z, step_size)
 
@@ -155,7 +168,7 @@ def ald(key, sde, score_fn, x, t, snr):
     score = score_fn(x, t)
     _, sigma = sde.marginal_coeffs(t)
     step_size = 2.0 * _langevin_alpha(sde, t, x.dtype) * (snr * sigma) ** 2
-    return _langevin_step(x, score, jax.random.normal(key, x.shape, x.dtype), step_size)
+    return _langevin_step(x, score, rng.normal(key, x.shape, x.dtype), step_size)
 
 
 PREDICTORS: dict[str, StepFn] = {
@@ -168,6 +181,7 @@ CORRECTORS: dict[str, StepFn] = {
     "ald": ald,
 }
 _DISCRETE_CHAIN_PREDICTORS = ("ancestral", "reverse_diffusion")
+CORRECTOR_NORMS = ("batch", "example")
 
 
 def _lookup(table: dict[str, StepFn], name: str | None, kind: str) -> StepFn | None:
@@ -212,12 +226,16 @@ def pc_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
               predictor: str | None = "euler_maruyama", corrector: str | None = None,
               snr: float = 0.16, n_corrector_steps: int = 1, n_steps: int | None = None,
               eps: float = 1e-3, denoise: bool = True,
-              condition: Callable | None = None) -> tuple[Array, int]:
+              condition: Callable | None = None, corrector_norm: str = "batch",
+              axis_name: str | None = None) -> tuple[Array, int]:
     """Predictor-corrector sampling from the prior at T down to time ~0 (Song et al. Alg. 1-3).
 
     Args:
-      key: PRNG key. The prior draws from split(key)[0]; grid step j uses fold_in(split(key)[1], j)
-        (its predictor fold_in(., 0), its corrector fold_in(fold_in(., 1), m) for step m).
+      key: one PRNG key, or (B,) keys, one per sample (`diffusion.rng`): sample b's prior draw
+        comes from its key and the purpose rng.PRIOR, and the noise of grid step j from
+        fold_in(fold_in(its key, rng.STEPS), j) (then rng.PREDICTOR, or rng.CORRECTOR and the
+        corrector step m). A sample therefore does not depend on the batch it is drawn in
+        (except through the "batch" corrector norm).
       sde: the forward SDE (`diffusion.sde`).
       score_fn: score_fn(x, t) -> score shaped like x, with x (B, ...) and t (B,).
       shape: shape of the samples, batch first: (B, ...).
@@ -231,15 +249,20 @@ def pc_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
       denoise: return the noise-free mean x_mean of the last predictor step (score_sde's
         noise_removal) instead of x; with predictor=None it has no effect (a Langevin mean is not
         a denoised sample) and the last corrector's x is returned.
-      condition: optional `condition(key, x, x_mean, t) -> (x, x_mean)` applied after every
-        corrector and predictor update, with t (B,) the time the state has reached; the
-        conditional samplers of `diffusion.guidance` (inpainting, colorization,
+      condition: optional `condition(keys, x, x_mean, t) -> (x, x_mean)` applied after every
+        corrector and predictor update, with (B,) keys and t (B,) the time the state has reached;
+        the conditional samplers of `diffusion.guidance` (inpainting, colorization,
         super-resolution) replace the known part of the state there (Song et al. 2021, app. I).
+      corrector_norm: the Langevin corrector's step size from norms averaged over the batch
+        ("batch", score_sde's) or per example ("example"); see `langevin`.
+      axis_name: when the sampler runs mapped over a mesh axis, its name: the "batch" norms are
+        then averaged over the whole global batch, as score_sde's pmean does.
 
     At each grid time t_j the corrector runs M steps at t_j, then the predictor steps from t_j to
     t_{j+1} (score_sde's order), with t_n = 0: every predictor step has dt = (T - eps) / (n - 1)
-    except the last, which goes from eps to 0 (dt = eps; the two agree for the defaults eps = 1e-3,
-    n = N = 1000). Samples therefore approximate p_0, within O(eps) of p_eps.
+    except the last, which goes from eps to 0 (dt = eps; the two agree with score_sde's constant
+    dt = 1 / N for the defaults eps = 1e-3, n = N = 1000). Samples therefore approximate p_0,
+    within O(eps) of p_eps.
 
     Returns:
       x: samples of `shape`, and nfe = n * ([predictor given] + M [corrector given]), a Python
@@ -248,14 +271,15 @@ def pc_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
     Traceable under jax.jit with every argument but key static (names and step counts change the
     compiled program); no Python loop over steps.
     """
-    prior_key, loop_key = jax.random.split(key)
-    x = sde.prior_sampling(prior_key, shape)
+    keys = rng.per_example(key, shape[0])
+    x = rng.prior(sde, keys, shape)
+    loop_keys = rng.fold_in(keys, rng.STEPS)
     one = pc_step_fn(sde, score_fn, shape, predictor, corrector, snr, n_corrector_steps, n_steps,
-                     eps, condition, x.dtype)
+                     eps, condition, x.dtype, corrector_norm, axis_name)
 
     def step(carry, inputs):
         j, t, dt = inputs
-        return one.step(jax.random.fold_in(loop_key, j), *carry, t, dt), None
+        return one.step(rng.fold_in(loop_keys, j), *carry, t, dt), None
 
     (x, x_mean), _ = lax.scan(step, (x, x), (jnp.arange(one.n_steps), one.ts, one.dts))
     return (x_mean if denoise and predictor is not None else x), one.n_steps * one.evals_per_step
@@ -264,7 +288,7 @@ def pc_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
 class PCStep(NamedTuple):
     """One grid time of the PC sampler and its grid (see `pc_step_fn`)."""
 
-    step: Callable      # step(step_key, x, x_mean, t, dt) -> (x, x_mean)
+    step: Callable      # step(step_keys (B,), x, x_mean, t, dt) -> (x, x_mean)
     ts: Array           # (n,) grid times T .. eps
     dts: Array          # (n,) predictor steps t_j - t_{j+1}, with t_n = 0
     n_steps: int
@@ -275,13 +299,19 @@ def pc_step_fn(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
                predictor: str | None = "euler_maruyama", corrector: str | None = None,
                snr: float = 0.16, n_corrector_steps: int = 1, n_steps: int | None = None,
                eps: float = 1e-3, condition: Callable | None = None,
-               dtype=jnp.float32) -> PCStep:
+               dtype=jnp.float32, corrector_norm: str = "batch",
+               axis_name: str | None = None) -> PCStep:
     """The checked arguments of `pc_sample` as one grid step and its grid (for samplers that
     loop over the grid themselves, e.g. RePaint's resampling in `diffusion.guidance`)."""
     predictor_fn = _lookup(PREDICTORS, predictor, "predictor")
     corrector_fn = _lookup(CORRECTORS, corrector, "corrector")
     if predictor_fn is None and corrector_fn is None:
         raise ValueError("pc_sample needs a predictor or a corrector; both are None.")
+    if corrector_norm not in CORRECTOR_NORMS:
+        raise ValueError(f"Unknown corrector_norm {corrector_norm!r}: choose one of "
+                         f"{CORRECTOR_NORMS}.")
+    if corrector_fn is langevin:
+        corrector_fn = functools.partial(langevin, norm=corrector_norm, axis_name=axis_name)
     n_steps = sde.N if n_steps is None else int(n_steps)
     if n_steps < 2:
         raise ValueError(f"n_steps must be >= 2 (the grid runs from T to eps), got {n_steps}.")
@@ -293,28 +323,36 @@ def pc_step_fn(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
                          f"; pass corrector=None for predictor-only sampling.")
     if predictor in _DISCRETE_CHAIN_PREDICTORS:
         _check_discrete_grid(sde, predictor, n_steps, eps_value)
+    # Every score evaluation waits for the state it is given. Otherwise XLA:CPU runs the parts
+    # that depend on t only (e.g. factorising a t-dependent matrix) of the corrector's and the
+    # predictor's evaluations at the same time, and jaxlib 0.10-0.11 can deadlock on two
+    # batched LAPACK calls at once (`diffusion.workarounds`).
+    score_fn = sequenced(score_fn)
 
     # Time grid t_0 = T > ... > t_{n-1} = eps; predictor steps dt_j = t_j - t_{j+1}, t_n = 0.
     ts = jnp.linspace(sde.T, eps, n_steps, dtype=dtype)
     dts = ts - jnp.append(ts[1:], jnp.zeros((1,), dtype))
 
-    def corrector_steps(key, x, t):
+    def corrector_steps(keys, x, t):
         def body(m, carry):
-            return corrector_fn(jax.random.fold_in(key, m), sde, score_fn, carry[0], t, snr)
+            return corrector_fn(rng.fold_in(keys, m), sde, score_fn, carry[0], t, snr)
 
         return lax.fori_loop(0, n_corrector_steps, body, (x, x))
 
     # One grid time: M corrector steps at t_j, then one predictor step to t_{j+1}.
-    def step(step_key, x, x_mean, t, dt):
+    def step(step_keys, x, x_mean, t, dt):
         t_batch = jnp.full(shape[:1], t, x.dtype)
         if corrector_fn is not None:
-            x, x_mean = corrector_steps(jax.random.fold_in(step_key, 1), x, t_batch)
+            x, x_mean = corrector_steps(rng.fold_in(step_keys, rng.CORRECTOR), x, t_batch)
             if condition is not None:
-                x, x_mean = condition(jax.random.fold_in(step_key, 2), x, x_mean, t_batch)
+                x, x_mean = condition(rng.fold_in(step_keys, rng.CONDITION_CORRECTOR), x, x_mean,
+                                      t_batch)
         if predictor_fn is not None:
-            x, x_mean = predictor_fn(jax.random.fold_in(step_key, 0), sde, score_fn, x, t_batch, dt)
+            x, x_mean = predictor_fn(rng.fold_in(step_keys, rng.PREDICTOR), sde, score_fn, x,
+                                     t_batch, dt)
             if condition is not None:
-                x, x_mean = condition(jax.random.fold_in(step_key, 3), x, x_mean, t_batch - dt)
+                x, x_mean = condition(rng.fold_in(step_keys, rng.CONDITION_PREDICTOR), x, x_mean,
+                                      t_batch - dt)
         return x, x_mean
 
     evals_per_step = (predictor_fn is not None) + (n_corrector_steps if corrector_fn else 0)

@@ -28,11 +28,13 @@ with noise prediction eps(x, t) = (x - alpha D) / sigma = -sigma score.
   Stochastic churn (S_churn, S_tmin, S_tmax, S_noise) as in the paper. NFE = 2 (steps - 1) + 1,
   e.g. 35 for the paper's 18 steps.
 
-The prior sample is `sde.prior_sampling(key, shape)` in every sampler here and in `ode_sample`,
-so the deterministic ones started from the same key solve the same ODE from the same point;
-noise of step i comes from fold_in(key, i + 1). All are pure, jit-compatible functions with a
-`lax.scan` over the steps; `steps`, `order` and `denoise` change the program and must be static
-under jit.
+The prior sample is `rng.prior(sde, key, shape)` in every sampler here and in `ode_sample`, so
+the deterministic ones started from the same key solve the same ODE from the same point. `key` is
+one key or (B,) keys, one per sample (`diffusion.rng`); the noise of step i comes from sample b's
+fold_in(fold_in(key_b, rng.STEPS), i), so a sample does not depend on the batch it is drawn in.
+
+All are pure, jit-compatible functions with a `lax.scan` over the steps; `steps`, `order` and
+`denoise` change the program and must be static under jit.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from diffusion import rng
 from diffusion.sde import SDE, ScoreFn, denoised
 
 Array = jax.Array
@@ -66,7 +69,9 @@ def ddim_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
     _check(sde, steps)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"DDIM's eta must be in [0, 1], got {eta}.")
-    x = sde.prior_sampling(key, shape)
+    keys = rng.per_example(key, shape[0])
+    x = rng.prior(sde, keys, shape)
+    step_keys = rng.fold_in(keys, rng.STEPS)
     ts = jnp.linspace(sde.T, eps, steps + 1, dtype=x.dtype)
     alphas, sigmas = sde.marginal_coeffs(ts)
 
@@ -77,7 +82,7 @@ def ddim_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...],
         noise = (x - alpha_t * x0) / sigma_t
         c = eta * sigma_s / sigma_t * jnp.sqrt(
             jnp.maximum(sigma_t**2 - (alpha_t / alpha_s * sigma_s) ** 2, 0.0))
-        z = jax.random.normal(jax.random.fold_in(key, i + 1), x.shape, x.dtype)
+        z = rng.normal(rng.fold_in(step_keys, i), x.shape, x.dtype)
         x = alpha_s * x0 + jnp.sqrt(jnp.maximum(sigma_s**2 - c**2, 0.0)) * noise + c * z
         return x, None
 
@@ -130,7 +135,7 @@ def dpm_solver_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int,
     _check(sde, steps)
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order!r}.")
-    x = sde.prior_sampling(key, shape)
+    x = rng.prior(sde, key, shape)
     ts = log_snr_grid(sde, steps, eps, x.dtype)
     alphas, sigmas = sde.marginal_coeffs(ts)
     lams = jnp.log(alphas) - jnp.log(sigmas)
@@ -180,7 +185,9 @@ def edm_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], 
     _check(sde, steps, minimum=2)
     if rho <= 0:
         raise ValueError(f"EDM's rho must be positive, got {rho}.")
-    x = sde.prior_sampling(key, shape)
+    keys = rng.per_example(key, shape[0])
+    x = rng.prior(sde, keys, shape)
+    step_keys = rng.fold_in(keys, rng.STEPS)
     ends = jnp.asarray([sde.T, eps], x.dtype)
     alpha_ends, sigma_ends = sde.marginal_coeffs(ends)
     sigma_max, sigma_min = sigma_ends / alpha_ends
@@ -202,7 +209,7 @@ def edm_sample(key: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], 
         if gamma_max > 0:
             churn = (sigma_cur >= s_tmin) & (sigma_cur <= s_tmax)
             sigma_hat = sigma_cur * (1.0 + jnp.where(churn, gamma_max, 0.0))
-            z = jax.random.normal(jax.random.fold_in(key, i + 1), x_tilde.shape, x_tilde.dtype)
+            z = rng.normal(rng.fold_in(step_keys, i), x_tilde.shape, x_tilde.dtype)
             x_tilde = x_tilde + jnp.sqrt(sigma_hat**2 - sigma_cur**2) * s_noise * z
             t_cur = jnp.where(churn, time_of(sigma_hat), t_cur)
         else:
