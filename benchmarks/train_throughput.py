@@ -8,6 +8,8 @@ step time / FLOPs / MFU / memory, and the input pipeline.
         --remat both --dtypes float32,bfloat16          # full size: FLOPs and memory, no step
     python benchmarks/train_throughput.py --pipeline --workers 0,2,4
     python benchmarks/train_throughput.py --memory      # peak host memory, a process per case
+    python benchmarks/train_throughput.py --config experiments/toy_2d.py --stop_check
+    python benchmarks/train_throughput.py --unroll_compile     # training.unroll: compile s
 
 --networks compiles one train step (loss, gradient, Adam, EMA) of DDPM (experiments/ddpm_cifar),
 DDPM++ cont. (vp_cifar) and NCSN++ cont. (ve_cifar), optionally deep, at batch 128 on 32x32x3
@@ -21,7 +23,9 @@ the full-size FLOPs and memory. On a GPU / TPU the table adds the device's own p
 that peak never resets). --memory prints the peak host memory (ru_maxrss) of the embedded
 default run and of the CIFAR smoke config, each in a fresh process. --pipeline times the tfds
 input pipeline (tfds.data_source, PNG decoding, batches in worker processes) on a locally built
-CIFAR-shaped dataset.
+CIFAR-shaped dataset. --unroll_compile prints the seconds to compile one train-step call of
+--config with its n_jitted_steps loop unrolled and as `lax.scan` (training.unroll), for
+n_jitted_steps 1, 5 and 10.
 
 The default mode compares, for one experiment config:
 "full pipeline" is `train.train_and_evaluate` as a user runs it: the data pipeline (host batches,
@@ -29,7 +33,11 @@ prefetch thread, transfer to the devices), checkpoints every `snapshot_freq`, pr
 TensorBoard and jsonl logging; only the sample grids are off (sampling is not training). Its rate is
 read from the wall-clock times it logs, after a warm-up that covers compilation. "bare loop" is the
 same network, loss and optimizer in a jitted step on one fixed device-resident batch, with nothing
-else. Prints a table; the full pipeline should reach >= 90% of the bare loop.
+else. Prints a table; the full pipeline should reach >= 90% of the bare loop. --stop_check times
+the bare loop without and with the preemption watcher's per-call stop check (`stop_agreed`): as
+on one process (its own flag, no collective), and with the collective that several processes
+use forced on this one (a one-element max over the devices per call, read 2 calls later), in
+interleaved windows (a shared machine's load falls on all three alike); median and best.
 """
 
 import argparse
@@ -72,18 +80,24 @@ def full_pipeline(config, steps: int, warmup: int) -> float:
     return (end["step"] - start["step"]) / (end["time"] - start["time"])
 
 
-def bare_loop(config, steps: int, warmup: int) -> float:
-    """Steps/s of the jitted train step alone on one fixed, device-resident batch."""
+def _jitted_step(config):
+    """(step_fn, state, batch, key, mesh) of the config's jitted train step, with one fixed,
+    device-resident batch of n_jitted_steps copies of global batch 0."""
     exp = train.build(config)
     mesh = train.data_mesh()
     state = train.init_train_state(exp, mesh)
     step_fn = train.make_train_step(exp.loss_fn, exp.tx, config.model.ema_rate, mesh,
-                                      config.model.ema_warmup)
-    n_jit = config.training.n_jitted_steps
+                                    config.model.ema_warmup, config.training.unroll)
     host = datasets.batch_at(exp.dataset, "train", 0, config.training.batch_size, seed=0,
                              centered=config.data.centered)
-    batch = train.put_batch({"x": np.stack([host["x"]] * n_jit)}, mesh)
-    key = jax.random.key(0)
+    batch = train.put_batch({"x": np.stack([host["x"]] * config.training.n_jitted_steps)}, mesh)
+    return step_fn, state, batch, jax.random.key(0), mesh
+
+
+def bare_loop(config, steps: int, warmup: int) -> float:
+    """Steps/s of the jitted train step alone on one fixed, device-resident batch."""
+    step_fn, state, batch, key, _ = _jitted_step(config)
+    n_jit = config.training.n_jitted_steps
     for _ in range(warmup // n_jit):
         state, metrics = step_fn(state, batch, key)
     jax.block_until_ready(metrics)
@@ -92,6 +106,94 @@ def bare_loop(config, steps: int, warmup: int) -> float:
         state, metrics = step_fn(state, batch, key)
     jax.block_until_ready(metrics)
     return (steps // n_jit) * n_jit / (time.perf_counter() - t0)
+
+
+STOP_CHECKS = ("none", "one process", "collective")
+
+
+def stop_check_rates(config, steps: int, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Steps/s of the bare loop without and with the preemption watcher's per-call stop check
+    (`stop_agreed`), as in `STOP_CHECKS`: none; as on one process (its own flag); and with the
+    collective of several processes forced on this one (a one-element max over the devices per
+    call, read `lag` calls later). One compiled step; `repeats` rounds of one window of `steps`
+    steps per variant, interleaved, so that load from other processes falls on all alike."""
+    from diffusion import checkpointing
+
+    step_fn, state, batch, key, mesh = _jitted_step(config)
+    n_jit = config.training.n_jitted_steps
+    watchers = {"one process": checkpointing.PreemptionWatcher(mesh, collective=False),
+                "collective": checkpointing.PreemptionWatcher(mesh, collective=True)}
+    rates = {name: [] for name in STOP_CHECKS}
+    try:
+        for _ in range(max(1, warmup // n_jit)):
+            state, metrics = step_fn(state, batch, key)
+            for watcher in watchers.values():
+                watcher.stop_agreed()
+        jax.block_until_ready(metrics)
+        for _ in range(repeats):
+            for name in STOP_CHECKS:
+                watcher = watchers.get(name)
+                t0 = time.perf_counter()
+                for _ in range(steps // n_jit):
+                    state, metrics = step_fn(state, batch, key)
+                    if watcher is not None and watcher.stop_agreed():
+                        raise RuntimeError("no signal was sent, yet the watcher says stop")
+                jax.block_until_ready(metrics)
+                rates[name].append((steps // n_jit) * n_jit / (time.perf_counter() - t0))
+    finally:
+        for watcher in watchers.values():
+            watcher.close()
+    return rates
+
+
+def stop_check_table(config, name: str, steps: int, warmup: int, repeats: int) -> None:
+    rates = stop_check_rates(config, steps, warmup, repeats)
+    device = jax.devices()[0]
+    print(f"\nThe preemption stop check, {name}: batch {config.training.batch_size}, "
+          f"n_jitted_steps {config.training.n_jitted_steps}, {jax.device_count()} x "
+          f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores; {repeats} "
+          f"interleaved windows of {steps} steps per variant\n")
+    print(f"| {'stop check':<12} | {'median steps/s':>14} | {'best steps/s':>12} | "
+          f"{'median vs none':>14} | {'ms per step vs none':>19} |")
+    print(f"|{'-' * 14}|{'-' * 16}|{'-' * 14}|{'-' * 16}|{'-' * 21}|")
+    base = float(np.median(rates["none"]))
+    for check in STOP_CHECKS:
+        median = float(np.median(rates[check]))
+        print(f"| {check:<12} | {median:14.2f} | {max(rates[check]):12.2f} | "
+              f"{median / base:14.1%} | {1e3 / median - 1e3 / base:19.3f} |")
+
+
+def unroll_compile_table(config, name: str, n_jits: list[int]) -> None:
+    """Seconds to compile one train-step call of `config` (jit's lower + compile, no cache) for
+    each n_jitted_steps, with its loop unrolled and as `lax.scan` (training.unroll)."""
+    import tensorflow_datasets as tfds
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    with tfds.testing.mock_data(num_examples=8):     # only the data's shape is needed here
+        exp = train.build(config)
+    mesh = train.data_mesh()
+    batch = config.training.batch_size
+    abstract = train_state.abstract_train_state(exp, mesh)
+    device = jax.devices()[0]
+    print(f"\nCompile time of one train-step call, {name} (batch {batch}, "
+          f"{train.count_params(abstract.params):,} parameters), {jax.device_count()} x "
+          f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores; seconds of "
+          f"jit lower + compile, no compilation cache\n")
+    print(f"| {'n_jitted_steps':>14} | {'unroll s':>8} | {'scan s':>8} |")
+    print(f"|{'-' * 16}|{'-' * 10}|{'-' * 10}|", flush=True)
+    for n_jit in n_jits:
+        x = jax.ShapeDtypeStruct((n_jit, batch, *exp.dataset.data_shape), np.float32,
+                                 sharding=NamedSharding(mesh, P(None, train.DATA_AXIS)))
+        seconds = {}
+        for unroll in ("unroll", "scan"):
+            step_fn = train.make_train_step(exp.loss_fn, exp.tx, config.model.ema_rate, mesh,
+                                              config.model.ema_warmup, unroll)
+            t0 = time.perf_counter()
+            step_fn.lower(abstract, {"x": x}, jax.random.key(0)).compile()
+            seconds[unroll] = time.perf_counter() - t0
+        print(f"| {n_jit:>14} | {seconds['unroll']:8.1f} | {seconds['scan']:8.1f} |", flush=True)
 
 
 # --------------------------------------------------------------------------- paper networks
@@ -415,7 +517,20 @@ def main():
                         help=f"peak host memory of the cases {MEMORY_CASES} (default all)")
     parser.add_argument("--memory_steps", type=int, default=300, help="--memory: digits steps")
     parser.add_argument("--memory_case", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--stop_check", type=int, nargs="?", const=5, default=0,
+                        help="time the bare loop without and with the preemption watcher's "
+                             "per-step stop check (one process; the collective forced), in this "
+                             "many interleaved rounds (default 5) of --steps steps")
+    parser.add_argument("--unroll_compile", nargs="?", const="1,5,10", default="",
+                        help="compile time of --config's train step, unrolled and scanned, for "
+                             "these n_jitted_steps (default 1,5,10)")
     args = parser.parse_args()
+    if args.unroll_compile:
+        return unroll_compile_table(load_config(args.config), os.path.basename(args.config),
+                                    [int(n) for n in args.unroll_compile.split(",")])
+    if args.stop_check:
+        return stop_check_table(load_config(args.config), os.path.basename(args.config),
+                                args.steps or 200, args.warmup or 20, args.stop_check)
     if args.memory_case:
         return print("ROW " + json.dumps(memory_case(root, args.memory_case, args.memory_steps)),
                      flush=True)

@@ -11,13 +11,21 @@ dies mid-save never leaves a half-written checkpoint in place of a good one.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import signal
 import threading
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from diffusion import parallel
 
 
 class CheckpointError(RuntimeError):
@@ -202,17 +210,32 @@ def _key_name(entry) -> str:
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the training loop polls once a step.
+    """Turns SIGTERM and SIGINT (Ctrl-C) on any process into a stop that every process agrees on.
 
-    The loop then saves a checkpoint at the current step and exits cleanly; a second signal
-    while that happens stops at once (KeyboardInterrupt), keeping the previous checkpoints. The
-    previous handlers are put back by `close()`. Signals can only be caught on the main thread,
-    so elsewhere this watches nothing.
+    The training loop calls `stop_agreed()` once per train-step call, on every process, then
+    saves a checkpoint at that step and exits cleanly when it says so; a second signal while that
+    happens stops this process at once (KeyboardInterrupt), keeping the previous checkpoints.
+    With several processes a host that saved alone would wait in orbax's collective save while
+    the others wait in the next step's collectives (a hang), and on a pod the hosts get the
+    signal at different moments, or only one of them gets it: so each call starts a max of every
+    process's flag over `mesh` (a one-element collective queued behind the step just dispatched)
+    and answers with the max started `lag` calls before, which all processes read at the same
+    call (the host thus stays up to `lag` calls ahead of the device). One process needs no
+    collective: its own flag is the answer. `collective=True` forces the collective path on one
+    process (benchmarks/train_throughput.py times it).
+
+    The previous handlers are put back by `close()`. Signals can only be caught on the main
+    thread, so elsewhere this watches nothing.
     """
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, mesh: Mesh | None = None, signals=(signal.SIGTERM, signal.SIGINT),
+                 collective: bool | None = None, lag: int = 2):
         self._event = threading.Event()
         self._previous = {}
+        if collective is None:
+            collective = jax.process_count() > 1
+        self._reduce = _any_process_flag(mesh or parallel.data_mesh()) if collective else None
+        self._pending = collections.deque(maxlen=lag + 1)   # the maxima started, newest last
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -227,9 +250,37 @@ class PreemptionWatcher:
 
     @property
     def requested(self) -> bool:
+        """Whether this process has been signalled."""
         return self._event.is_set()
+
+    def stop_agreed(self) -> bool:
+        """Whether every process stops after the step just dispatched: the same answer on all.
+
+        Every process must call it once per train-step call. With the collective, a signal
+        stops the run `lag` to `lag + 1` calls after it arrives, and the host waits for the
+        device only up to the step dispatched `lag` calls before the last one.
+        """
+        if self._reduce is None:
+            return self.requested
+        self._pending.append(self._reduce(self.requested))
+        if len(self._pending) < self._pending.maxlen:
+            return False
+        return bool(np.asarray(self._pending.popleft().addressable_data(0))[0])   # replicated
 
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def _any_process_flag(mesh: Mesh) -> Callable[[bool], jax.Array]:
+    """`flag -> (1,) int32`, 1 if any process passed True: started asynchronously (a max over
+    the devices of `mesh`, each holding its process's flag), replicated on every device."""
+    sharding = NamedSharding(mesh, P(mesh.axis_names))
+    reduce = jax.jit(lambda f: jnp.max(f, keepdims=True),
+                     out_shardings=NamedSharding(mesh, P()))
+    n_local = len(mesh.local_devices)
+    # Both possible inputs, placed once: a call then only dispatches the reduction.
+    flags = {f: jax.make_array_from_process_local_data(sharding, np.full((n_local,), f, np.int32))
+             for f in (False, True)}
+    return lambda flag: reduce(flags[bool(flag)])

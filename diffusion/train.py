@@ -67,13 +67,20 @@ def ema_decay(ema_rate: float, num_updates: jax.Array, warmup: bool = False) -> 
     return jnp.minimum(ema_rate, (1.0 + n) / (10.0 + n))
 
 
+def _global_norm(tree) -> jax.Array:
+    """The L2 norm of all leaves together (optax.global_norm, which optax now deprecates)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
+
+
 def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, ema_rate: float,
-                     axis_name: str = DATA_AXIS, ema_warmup: bool = False) -> Callable:
+                     axis_name: str = DATA_AXIS, ema_warmup: bool = False,
+                     unroll: bool = True) -> Callable:
     """The train step one device runs: `(state, batch, key) -> (state, metrics)`.
 
     batch: {"x": (n_jitted_steps, b, ...), ...}, this device's b examples of each of
-    n_jitted_steps consecutive global batches, run one after another by a Python loop that is
-    unrolled when the step is traced (see below for why not `lax.scan`).
+    n_jitted_steps consecutive global batches, run one after another: by a Python loop unrolled
+    when the step is traced (`unroll`; compile time grows with n_jitted_steps), else by
+    `lax.scan` (one traced step; see below for why not on XLA:CPU). Both give the same state.
     Gradients and metrics are averaged over `axis_name` with `lax.pmean`. The noise of example j
     of this device in step s comes from fold_in(fold_in(key, s), axis_index * b + j).
     Returns metrics {"loss", "grad_norm"}, each (n_jitted_steps,).
@@ -98,11 +105,12 @@ def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, e
                                       state.ema_params, params)
             new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
                                    opt_state=opt_state)
-            return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+            return new_state, {"loss": loss, "grad_norm": _global_norm(grads)}
 
-        # A Python loop, unrolled at trace time, instead of lax.scan: XLA:CPU runs the weight-
-        # gradient convolutions of a U-Net inside a while loop ~40x slower than at top level
-        # (measured 17 s vs 0.43 s per digits step). n_jitted_steps is small, so unrolling is cheap.
+        # XLA:CPU runs the weight-gradient convolutions of a U-Net inside a while loop ~40x
+        # slower than at top level (measured 17 s vs 0.43 s per digits step): unrolled there.
+        if not unroll:
+            return jax.lax.scan(one_step, state, batch)
         metrics = []
         for j in range(batch["x"].shape[0]):
             state, m = one_step(state, jax.tree.map(lambda v, j=j: v[j], batch))
@@ -113,13 +121,20 @@ def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, e
 
 
 def make_train_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, ema_rate: float,
-                    mesh: Mesh, ema_warmup: bool = False) -> Callable:
+                    mesh: Mesh, ema_warmup: bool = False, unroll: str = "auto") -> Callable:
     """The device step mapped over `mesh` with `jax.shard_map` and jitted, donating the state.
 
     `(state, batch, key) -> (state, metrics)`: state replicated, batch arrays
     (n_jitted_steps, global_batch, ...) sharded over the mesh's data axis on dimension 1.
+    `unroll` (training.unroll): "unroll" the n_jitted_steps loop, "scan" it, or "auto": unroll on
+    CPU devices, scan on GPU / TPU (compile time independent of n_jitted_steps).
     """
-    device_step = make_device_step(loss_fn, tx, ema_rate, DATA_AXIS, ema_warmup)
+    if unroll not in ("auto", "unroll", "scan"):
+        raise ValueError(f"unroll must be 'auto', 'unroll' or 'scan', got {unroll!r}")
+    if unroll == "auto":
+        unroll = "unroll" if mesh.devices.flat[0].platform == "cpu" else "scan"
+    device_step = make_device_step(loss_fn, tx, ema_rate, DATA_AXIS, ema_warmup,
+                                   unroll=unroll == "unroll")
     # check_vma=False gives pmap's semantics, which the device step is written for: the gradient
     # of the replicated params is this device's, and `lax.pmean` averages it. (With the default
     # check_vma=True, differentiating w.r.t. a replicated input already psums the cotangent, and
@@ -172,6 +187,15 @@ class _Logger:
             self.jsonl.close()
 
 
+def _from_every_process(x: np.ndarray) -> np.ndarray:
+    """This process's array (n,) -> (process_count, n): every process's, on every process."""
+    if jax.process_count() == 1:
+        return x[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x))
+
+
 def _check_writable(workdir: str) -> None:
     """PermissionError naming the workdir if it cannot be created or written to."""
     try:
@@ -189,9 +213,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     Prints a progress line every `log_freq` steps; every `snapshot_freq` steps (and at the end)
     saves a checkpoint and, if `training.snapshot_sampling`, a sample grid
     `<workdir>/samples/train_step_<N>.png`; every `eval_freq` steps logs the EMA eval loss.
-    SIGTERM saves a checkpoint at the current step and returns. The losses are fetched from the
-    device (one sync) at each log and snapshot; a non-finite one raises FloatingPointError naming
-    the step range, and that state is never saved. Returns the final train state.
+    SIGTERM or SIGINT on any process saves a checkpoint at a step all processes agree on and
+    returns (`checkpointing.PreemptionWatcher`). The losses are fetched from the device (one
+    sync) at each log and snapshot; a non-finite one on any process raises FloatingPointError
+    naming the step range on every process, and that state is never saved. Returns the final
+    train state.
     """
     exp = build(config)
     t = exp.train
@@ -218,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if jax.process_index() == 0:   # only now: a refused resume keeps the config that wrote it
         atomic_write_text(os.path.join(workdir, "config.json"), exp.config_json)
 
-    train_step = make_train_step(exp.loss_fn, exp.tx, t.ema_rate, mesh, t.ema_warmup)
+    train_step = make_train_step(exp.loss_fn, exp.tx, t.ema_rate, mesh, t.ema_warmup, t.unroll)
     train_key = exp.key("train")
     data_kwargs = dict(seed=exp.seed, process_index=jax.process_index(),
                        process_count=jax.process_count(), train=True,
@@ -227,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                        random_flip=exp.data.random_flip)
     keep = ("x", "label") if exp.conditional else ("x",)
     logger = _Logger(workdir, t.n_iters, t.batch_size, start)
-    watcher = checkpointing.PreemptionWatcher()
+    watcher = checkpointing.PreemptionWatcher(mesh)
     # Worker processes for tfds records (decoding holds the GIL); a thread for in-memory data.
     workers = 0 if isinstance(exp.dataset.train, datasets.ArraySource) else exp.data.num_workers
     iterator = datasets.BatchIterator(exp.dataset, "train", start, t.batch_size,
@@ -239,12 +265,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         return put_batch({k: np.stack([g[k] for g in group]) for k in keep}, mesh)
 
     def check(window: list, first: int, last: int) -> dict:
-        """Fetches the metrics of steps first+1..last (one device sync) and checks the loss."""
+        """Fetches the metrics of steps first+1..last (one device sync) and checks the loss;
+        every process sees every process's losses, so all stop alike, with the same message."""
         metrics = jax.tree.map(lambda *v: np.concatenate(v), *jax.tree.map(to_host, window))
-        if not np.all(np.isfinite(metrics["loss"])):
+        losses = _from_every_process(metrics["loss"])      # (process_count, last - first)
+        bad = [i for i, row in enumerate(losses) if not np.all(np.isfinite(row))]
+        if bad:
+            where = f" on process(es) {bad}" if len(losses) > 1 else ""
             raise FloatingPointError(
-                f"Non-finite loss in steps {first + 1}-{last} (losses {metrics['loss']}); the "
-                f"state was not saved (last checkpoint: step {manager.latest_step()}). Lower "
+                f"Non-finite loss in steps {first + 1}-{last}{where} (losses {losses[bad[0]]}); "
+                f"the state was not saved (last checkpoint: step {manager.latest_step()}). Lower "
                 f"optim.lr, check optim.grad_clip and the data, then rerun to resume from that "
                 f"checkpoint.")
         return {k: float(np.mean(v)) for k, v in metrics.items()}
@@ -269,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             window.append(metrics)
             if step < t.n_iters:
                 batch = next_batches()  # overlaps with the step running on the device
-            preempted = watcher.requested
+            preempted = watcher.stop_agreed()   # a signal on any process stops them all here
             snapshot_due = _itstime(step, t.snapshot_freq, t.n_iters) or preempted
             if _itstime(step, t.log_freq, t.n_iters) or snapshot_due:
                 values = check(window, window_start, step)  # never save a non-finite state
