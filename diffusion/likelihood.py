@@ -10,7 +10,7 @@ with p_T replaced by the prior. The divergence is the trace of the Jacobian of f
 Jacobian-vector product per dimension, for low-dimensional data) or Hutchinson's unbiased estimate
 E[v^T (df~/dx) v] with v Gaussian or Rademacher, one probe per example drawn once per solve
 (FFJORD, Grathwohl et al. 2019), for images. The state (x, int div) is integrated by the same
-adaptive diffrax solver as `sampling.ode_sample`, each example on its own steps, its probe from
+adaptive solver as `sampling.ode_sample`, each example on its own steps, its probe from
 its own key (`diffusion.rng`): an example's log-likelihood does not depend on the batch it is
 computed in. NFE counts evaluations of the ODE's vector field (each one score evaluation together
 with its Jacobian-vector products).
@@ -95,7 +95,7 @@ def log_likelihood(key: Array, sde: SDE, score_fn: ScoreFn, x: Array,
     process = ode.ode_process(sde, score_fn)
     drift = ode.probability_flow_drift(process, score_fn)
 
-    def vector_field(t, state, probe):
+    def vector_field(t, state):   # t (B,): each example's own time
         x, _ = state
         drift_fn = lambda y: drift(t, y)  # noqa: E731
         if probe is None:
@@ -104,7 +104,7 @@ def log_likelihood(key: Array, sde: SDE, score_fn: ScoreFn, x: Array,
 
     start = (x, jnp.zeros((x.shape[0],), x.dtype))
     (z, integral), nfe = ode.solve(vector_field, start, eps, process.T, rtol, atol, method,
-                                   max_steps, args=probe)
+                                   max_steps)
     prior = process.prior_logp if prior_logp is None else prior_logp
     return prior(z) + integral, nfe
 

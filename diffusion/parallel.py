@@ -64,7 +64,7 @@ def map_over_batch(per_device: Callable, mesh: Mesh, out_specs=None) -> Callable
 
     params and key are replicated; `batch` (a pytree of (B, ...) arrays) and the outputs are
     split over the devices on their first dimension (`out_specs` for other outputs). The
-    varying-axis checks are off (diffrax's loops do not annotate them). Used for sampling, the
+    varying-axis checks are off (the samplers' loops do not annotate them). Used for sampling, the
     likelihood and the eval loss, where each device works on its own rows, each row's randomness
     from the key of its global index (`diffusion.rng`).
     """

@@ -59,7 +59,7 @@ def test_encode_decode_round_trip_on_a_mixture(x64):
 
 
 def test_nfe_is_counted_exactly():
-    """NFE = 6 * attempted steps + 1 equals the calls of score_fn in the compiled solve, with
+    """NFE = 6 * attempted steps + 2 equals the calls of score_fn in the compiled solve, with
     rejected steps (a stiff mixture of narrow components at loose and tight tolerances)."""
     sde = SDES["ve"]
     mixture = GaussianMixture.isotropic(jnp.asarray([0.5, 0.5]), jnp.asarray([[-1.0], [1.0]]),
@@ -87,11 +87,9 @@ def test_noise_removal_is_score_sdes_reverse_diffusion_step(sde_name):
     a correction for VP."""
     sde = SDES[sde_name]
     score = lambda x, t: -x / variance(sde, t)[:, None]  # noqa: E731
-    x, nfe = sampling.ode_sample(jax.random.key(0), sde, score, (64, 2), eps=EPS)
-    removed, nfe_removed = sampling.ode_sample(jax.random.key(0), sde, score, (64, 2), eps=EPS,
-                                               denoise=True)
-    tweedie, _ = sampling.ode_sample(jax.random.key(0), sde, score, (64, 2), eps=EPS,
-                                     denoise=True, denoiser="tweedie")
+    x = jax.random.normal(jax.random.key(0), (64, 2))
+    removed = sampling.ode.remove_noise(sde, score, x, EPS)   # ode_sample's last step
+    tweedie = sampling.ode.remove_noise(sde, score, x, EPS, "tweedie")
     s = -x / float(variance(sde, jnp.asarray([EPS]))[0])
     if sde_name == "vp":
         beta_0 = sde.beta_min / sde.N
@@ -99,12 +97,22 @@ def test_noise_removal_is_score_sdes_reverse_diffusion_step(sde_name):
     else:
         expected = x + sde.sigma_min**2 * s
     np.testing.assert_allclose(removed, expected, rtol=1e-6, atol=1e-7)
-    assert int(nfe_removed) == int(nfe) + 1
     alpha, sigma = (float(c[0]) for c in sde.marginal_coeffs(jnp.asarray([EPS])))
     np.testing.assert_allclose(tweedie, (x + sigma**2 * s) / alpha, rtol=1e-6, atol=1e-7)
     if sde_name == "vp":   # the two corrections differ by sigma^2 / (alpha beta_0) = 1.0995
         ratio = np.linalg.norm(tweedie - x) / np.linalg.norm(removed - x)
         assert 1.09 < ratio < 1.11
+
+
+def test_ode_sample_ends_with_the_noise_removal_step():
+    sde = SDES["vp"]
+    score = lambda x, t: -x / variance(sde, t)[:, None]  # noqa: E731
+    x, nfe = sampling.ode_sample(jax.random.key(0), sde, score, (64, 2), eps=EPS)
+    removed, nfe_removed = sampling.ode_sample(jax.random.key(0), sde, score, (64, 2), eps=EPS,
+                                               denoise=True)
+    np.testing.assert_allclose(removed, sampling.ode.remove_noise(sde, score, x, EPS),
+                               rtol=1e-6, atol=1e-7)
+    assert int(nfe_removed) == int(nfe) + 1
 
 
 def test_unknown_denoiser_is_a_clear_error():
@@ -136,7 +144,7 @@ def _stiff_score(x, t):
 
 
 # Every entry point with a stiff score in the default suite; with a NaN score (which also
-# exhausts max_steps), and encode / decode, in the slow set (each call compiles a diffrax solve).
+# exhausts max_steps), and encode / decode, in the slow set (each call compiles a solve).
 @pytest.mark.parametrize("score, entry_points", [
     (_stiff_score, ("ode_sample", "log_likelihood")),
     pytest.param(_nan_score, ("ode_sample", "encode", "decode", "log_likelihood"),
@@ -144,7 +152,8 @@ def _stiff_score(x, t):
     pytest.param(_stiff_score, ("encode", "decode"), marks=pytest.mark.slow)])
 def test_a_failed_solve_raises_instead_of_returning_nans(score, entry_points):
     sde = SDES["vp"]
-    cause = "maximum number of solver steps"
+    cause, steps = (("maximum number of solver steps", 20) if score is _stiff_score
+                    else ("the vector field was not finite", 0))   # stops at once
     calls = {
         "ode_sample": lambda: sampling.ode_sample(jax.random.key(0), sde, score, (4, 2),
                                                   max_steps=20),
@@ -156,7 +165,8 @@ def test_a_failed_solve_raises_instead_of_returning_nans(score, entry_points):
     for name in entry_points:
         call = calls[name]
         with pytest.raises(sampling.ODESolverError,
-                           match=f"failed for 4 of 4 examples \\(example 0 after 20 steps\\)"
+                           match=f"failed for 4 of 4 examples \\(example 0 after {steps} "
+                           f"steps\\)"
                            f".*{cause}.*loosen them or raise max_steps \\(now 20\\)"):
             call()
             pytest.fail(f"{name} returned instead of raising")
@@ -166,4 +176,4 @@ def test_a_failed_solve_under_jit_is_nan_not_numbers():
     sde = SDES["vp"]
     fn = jax.jit(lambda key: sampling.ode_sample(key, sde, _stiff_score, (4, 2), max_steps=20))
     x, nfe = fn(jax.random.key(0))
-    assert np.all(np.isnan(x)) and int(nfe) == 6 * 20 + 1
+    assert np.all(np.isnan(x)) and int(nfe) == 6 * 20 + 2

@@ -29,7 +29,7 @@ from diffusion.parallel import DATA_AXIS, data_mesh
 from diffusion.train import build, init_train_state
 
 TOL = 1e-5   # data units
-LIKELIHOOD_TOL = 1e-4   # nats: the adaptive solve at rtol = 1e-5, as the ODE sampler
+LIKELIHOOD_RTOL = 1e-4   # the adaptive solve at rtol = 1e-5, as the ODE sampler
 
 
 # --------------------------------------------------------------------------- the samplers
@@ -74,12 +74,17 @@ SAMPLERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+# Two in the default suite (the PC sampler with a corrector, the adaptive ODE); every sampler,
+# guided tasks included, with the slow set.
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=() if name in ("pc_langevin_example", "ode") else pytest.mark.slow)
+    for name in sorted(SAMPLERS)])
 def test_a_sample_does_not_depend_on_its_batch(name, x64):
     score, x = _mixture()
     assert _batch_invariance(lambda k, s: SAMPLERS[name](k, s, score, x)) <= 1e-9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pc_langevin_example", "ddim_eta1", "edm_churn"])
 def test_a_float32_sample_does_not_depend_on_its_batch(name):
     score, x = _mixture()
@@ -97,7 +102,7 @@ def test_scores_sde_batch_norm_is_a_batch_statistic(x64):
 def test_a_log_likelihood_does_not_depend_on_its_batch(x64):
     score, x = _mixture()
     key = jax.random.key(4)
-    for divergence in ("hutchinson_gaussian", "hutchinson_rademacher"):
+    for divergence in ("hutchinson_rademacher",):   # the probes' keys; the solve per example
         a, _ = likelihood.log_likelihood(key, VP, score, x, divergence=divergence)
         b, _ = likelihood.log_likelihood(key, VP, score, x[:4], divergence=divergence)
         c, _ = likelihood.log_likelihood(rng.per_example(key, 8)[4:], VP, score, x[4:],
@@ -195,8 +200,7 @@ ODE_TOL = 5e-3
 
 
 @pytest.mark.parametrize("family", [
-    pytest.param(f, marks=() if f in ("pc_langevin", "ode") else pytest.mark.slow)
-    for f in FAMILIES])
+    pytest.param(f, marks=() if f == "pc_langevin" else pytest.mark.slow) for f in FAMILIES])
 def test_sample_files_equal_for_1_or_4_devices_and_any_batch_size(family, toy_run, monkeypatch):
     """The MLP's samples: measured 1.4e-6 (pc), 3e-8 (ddim), 1.9e-6 (edm) apart."""
     config, workdir = toy_run
@@ -221,6 +225,7 @@ def test_image_task_files_equal_for_1_or_4_devices_and_any_batch_size(task, digi
     _check_same_samples(config, workdir, monkeypatch, 5e-5)
 
 
+@pytest.mark.slow
 def test_score_sdes_batch_norm_is_the_same_on_1_or_4_devices(toy_run, monkeypatch):
     config, workdir = toy_run
     config = config.copy_and_resolve_references()
@@ -242,5 +247,5 @@ def test_likelihood_equal_for_any_eval_batch_size(toy_run):
         records.append(evaluate.eval_likelihood(dataclasses.replace(exp, eval=e, compiled={}),
                                                 state.ema_params, mesh))
     assert records[0]["likelihood_examples"] == records[1]["likelihood_examples"] == 32
-    for name in ("nll", "nll_std_err"):
-        assert abs(records[0][name] - records[1][name]) <= LIKELIHOOD_TOL, name
+    for name in ("nll", "nll_std_err"):   # the random network's nll is ~2e6 nats
+        assert abs(records[0][name] / records[1][name] - 1.0) <= LIKELIHOOD_RTOL, name

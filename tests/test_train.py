@@ -93,6 +93,8 @@ def test_n_jitted_steps_do_not_change_the_result():
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
 
 
+# Compiles the step twice (about 10 s on 2 cores): with the slow set.
+@pytest.mark.slow
 def test_unrolled_and_scanned_n_jitted_steps_give_the_same_state():
     """training.unroll: the Python loop and lax.scan over 3 steps a call, twice, on 4 devices;
     "auto" is the loop on these CPU devices. The same state (step, params, EMA, optimizer

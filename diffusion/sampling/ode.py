@@ -1,4 +1,4 @@
-"""The probability-flow ODE (Song et al. 2021, eq. 13), integrated adaptively with diffrax.
+"""The probability-flow ODE (Song et al. 2021, eq. 13), integrated adaptively (`rk.py`).
 
     dx/dt = f(x, t) - 1/2 g(t)^2 score(x, t)
 
@@ -6,14 +6,14 @@ shares its marginals p_t with the forward SDE, so integrating it from a prior sa
 eps gives a sample of p_eps (`ode_sample`), and integrating it from data at eps up to T gives the
 data's latent code (`encode`); `decode` is the inverse map. The solver is an explicit Runge-Kutta
 pair (Tsitouras 5(4) by default, or Dormand-Prince 5(4), the RK45 that score_sde used through
-scipy) with diffrax's PID step-size controller at its default coefficients (pcoeff 0, icoeff 1,
-dcoeff 0: the classical integral controller that scipy's RK45 uses as well).
+scipy) with the classical step-size control (`rk.py`).
 
 One solve per example. Every example is integrated on its own adaptive steps, its error the RMS
-norm over its own elements (`solve` maps diffrax over the batch), so a sample or a likelihood does
-not depend on the batch it is computed in, the number of devices or the batch size. (score_sde
-let the whole batch share one step, whose error was the RMS over the batch: a batch's hardest
-example then set the steps of all, and an easy batch loosened the error of a hard example.)
+norm over its own elements, while the network runs on the whole batch at each example's own time
+(`rk.solve`), so a sample or a likelihood does not depend on the batch it is computed in, the
+number of devices or the batch size. (score_sde let the whole batch share one step, whose error
+was the RMS over the batch: a batch's hardest example then set the steps of all, and an easy
+batch loosened the error of a hard example.)
 
 The velocity. When the score function gives the model's velocity (`sde.ScoreWithVelocity`: "v"
 models and the exact Gaussian mixtures), the vector field is that velocity, and the rectified
@@ -21,9 +21,9 @@ flow's ODE runs on [0, 1] (`SDE.ode_process`): at t = 1 its velocity is finite a
 marginal is exactly the prior N(0, I). Otherwise the vector field is f - g^2 score / 2 on [0, T].
 
 Network evaluations. Both pairs are first-same-as-last with 7 stages: each attempted step (accepted
-or rejected) costs 6 evaluations, plus one at the start, so an example's NFE = 6 * num_steps + 1
-exactly (`tests/test_ode.py` checks this against a counter inside the vector field). The batch
-runs as many evaluations as its example with the most steps, which is the NFE reported.
+or rejected) costs 6 evaluations, plus two at the start (the first step's estimate), and the batch
+runs as many as its example with the most steps: NFE = 6 * max(attempted steps) + 2 exactly
+(`tests/test_ode.py` checks this against a counter inside the vector field).
 
 Solver failure. A solve that does not reach its end time within `max_steps` adaptive steps (a stiff
 or non-finite vector field: an untrained or diverging network, tolerances too tight) is flagged,
@@ -42,41 +42,34 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import diffrax
 import jax
 import jax.numpy as jnp
 
 from diffusion import rng
+from diffusion.sampling import rk
 from diffusion.sde import SDE, ScoreFn, batch_broadcast, denoised
 from diffusion.workarounds import after
 
 Array = jax.Array
 
-SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
-_STAGES_PER_STEP = 6   # new vector-field evaluations per attempted step of a 7-stage FSAL pair
+SOLVERS = rk.TABLEAUS
 
 
 class ODESolverError(FloatingPointError):
     """The probability-flow ODE solve did not reach its end time (see the module docstring)."""
 
 
-def _solver(method: str) -> diffrax.AbstractSolver:
-    if method not in SOLVERS:
-        raise ValueError(f"Unknown ODE solver {method!r}: choose one of {sorted(SOLVERS)}.")
-    return SOLVERS[method]()
-
-
 DENOISERS = ("reverse_diffusion", "tweedie")
 
 
 def probability_flow_drift(sde: SDE, score_fn: ScoreFn) -> Callable[[Array, Array], Array]:
-    """The probability-flow vector field `drift(t, x)` on states x (B, ...), t a scalar: the
+    """The probability-flow vector field `drift(t, x)` on states x (B, ...) at times t (B,): the
     model's velocity when `score_fn` gives it, else f - g^2 score / 2."""
     velocity = getattr(score_fn, "velocity", None)
     ode = sde.reverse(score_fn, probability_flow=True)
     field = velocity if velocity is not None else lambda x, t: ode.sde(x, t)[0]
     # Each evaluation waits for its state x, so no two run at once (`diffusion.workarounds`).
-    return lambda t, x: field(x, after(x, jnp.full((x.shape[0],), t, x.dtype)))
+    return lambda t, x: field(x, after(x, t))
 
 
 def ode_process(sde: SDE, score_fn: ScoreFn) -> SDE:
@@ -94,50 +87,29 @@ def concrete_bool(value) -> bool | None:
 
 
 def solve(fn: Callable, y0, t0: float, t1: float, rtol: float, atol: float,
-          method: str = "tsit5", max_steps: int = 4096, args=None):
-    """Integrates dy/dt = fn(t, y, args) from t0 to t1 (either direction), each example on its
-    own adaptive steps; returns (y(t1), nfe).
+          method: str = "tsit5", max_steps: int = 4096):
+    """Integrates dy/dt = fn(t, y) from t0 to t1 (either direction), each example on its own
+    adaptive steps (`rk.solve`: fn gets the batch and t (B,), each example's time); returns
+    (y(t1), nfe), nfe the evaluations the batch made.
 
-    y0 is a pytree of (B, ...) arrays and args (optional) a pytree of per-example (B, ...) arrays;
-    `fn` sees one example at a time as a batch of one (t a scalar). nfe is the largest number of
-    evaluations an example needed, the number the batch ran. On failure of any example (t1 not
-    reached within `max_steps`, or a non-finite vector field) it raises `ODESolverError` when
-    called outside `jit`; traced, the failed examples are NaN (diffrax's `throw=False`: an error
-    inside a compiled program could only be a callback's traceback).
+    On failure of any example (t1 not reached within `max_steps` attempted steps, or a
+    non-finite vector field) it raises `ODESolverError` when called outside `jit`; traced, the
+    failed examples are NaN (an error inside a compiled program could only be a callback's).
     """
-    term = diffrax.ODETerm(fn)
-    controller = diffrax.PIDController(rtol=rtol, atol=atol)
-
-    def one(y, a):
-        batch_of_one = jax.tree.map(lambda v: v[None], (y, a))
-        solution = diffrax.diffeqsolve(
-            term, _solver(method), t0=t0, t1=t1, dt0=None, y0=batch_of_one[0],
-            args=batch_of_one[1], stepsize_controller=controller,
-            saveat=diffrax.SaveAt(t1=True), max_steps=max_steps, throw=False)
-        return (jax.tree.map(lambda v: v[-1, 0], solution.ys), solution.result,
-                solution.stats["num_steps"])
-
-    y1, result, num_steps = jax.vmap(one)(y0, args)
-    failed = result != diffrax.RESULTS.successful
+    y1, info = rk.solve(fn, y0, t0, t1, rtol, atol, method, max_steps)
+    failed = ~info.arrived
     y1 = jax.tree.map(lambda y: jnp.where(batch_broadcast(failed, y), jnp.nan, y), y1)
-    nfe = _STAGES_PER_STEP * jnp.max(num_steps) + 1
     if concrete_bool(jnp.any(failed)):
         first = int(jnp.argmax(failed))
+        cause = ("the vector field was not finite" if not bool(info.finite[first]) else
+                 "the maximum number of solver steps was reached")
         raise ODESolverError(
             f"The probability-flow ODE solve from t={float(t0):g} to t={float(t1):g} failed for "
             f"{int(jnp.sum(failed))} of {failed.shape[0]} examples (example {first} after "
-            f"{int(num_steps[first])} steps): "
-            f"{_describe(jax.tree.map(lambda v: v[first], result))}. A non-finite score (an "
-            f"untrained or diverging network) does this, and so do tolerances too tight for the "
-            f"model (rtol={rtol:g}, atol={atol:g}): loosen them or raise max_steps (now "
-            f"{max_steps}).")
-    return y1, nfe
-
-
-def _describe(result) -> str:
-    """diffrax's message for a failed result, without its advice (ours follows)."""
-    message = diffrax.RESULTS[result] or "the solver did not succeed"
-    return message.split(". Try")[0].rstrip(".").lower()
+            f"{int(info.attempts[first])} steps): {cause}. A non-finite score (an untrained or "
+            f"diverging network) does this, and so do tolerances too tight for the model "
+            f"(rtol={rtol:g}, atol={atol:g}): loosen them or raise max_steps (now {max_steps}).")
+    return y1, info.nfe
 
 
 def encode(sde: SDE, score_fn: ScoreFn, x: Array, rtol: float = 1e-5, atol: float = 1e-5,
@@ -145,16 +117,16 @@ def encode(sde: SDE, score_fn: ScoreFn, x: Array, rtol: float = 1e-5, atol: floa
     """Latent code z = x(T) of data x = x(eps) under the probability-flow ODE; (z, nfe). T is
     the end of `ode_process(sde, score_fn)` (1 for the rectified flow given its velocity)."""
     process = ode_process(sde, score_fn)
-    drift = probability_flow_drift(process, score_fn)
-    return solve(lambda t, y, args: drift(t, y), x, eps, process.T, rtol, atol, method, max_steps)
+    return solve(probability_flow_drift(process, score_fn), x, eps, process.T, rtol, atol, method,
+                 max_steps)
 
 
 def decode(sde: SDE, score_fn: ScoreFn, z: Array, rtol: float = 1e-5, atol: float = 1e-5,
            eps: float = 1e-3, method: str = "tsit5", max_steps: int = 4096) -> tuple[Array, Array]:
     """Data x = x(eps) of a latent z = x(T) under the probability-flow ODE; (x, nfe)."""
     process = ode_process(sde, score_fn)
-    drift = probability_flow_drift(process, score_fn)
-    return solve(lambda t, y, args: drift(t, y), z, process.T, eps, rtol, atol, method, max_steps)
+    return solve(probability_flow_drift(process, score_fn), z, process.T, eps, rtol, atol, method,
+                 max_steps)
 
 
 def remove_noise(sde: SDE, score_fn: ScoreFn, x: Array, eps: float,
