@@ -30,6 +30,31 @@ def data_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
 
 
+def connect_processes() -> None:
+    """Connects the processes' collectives now, while they are in step (call it right after
+    `jax.distributed.initialize`; a no-op with one process).
+
+    On CPU (gloo) the first collective over a set of devices connects that set, and fails
+    ("Gloo context initialization failed: DEADLINE_EXCEEDED") when another process arrives
+    more than 30 s later, a limit fixed inside XLA; once connected, a set waits as long as the
+    slowest process. Processes fall that far apart before the training step's first collective
+    when one compiles it more slowly (a loaded machine, a compile-cache hit on the other only),
+    so the two sets every program here uses are connected first: all devices (`data_mesh`) and
+    one device per process (`multihost_utils.process_allgather`, orbax's barriers).
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mesh = data_mesh()
+    ones = jax.make_array_from_process_local_data(
+        batch_sharding(mesh), np.ones((len(mesh.local_devices),), np.int32))
+    total = jax.jit(lambda x: x.sum(keepdims=True), out_shardings=NamedSharding(mesh, P()))(ones)
+    multihost_utils.process_allgather(np.int32(jax.process_index()))
+    if int(np.asarray(total.addressable_data(0))[0]) != jax.device_count():
+        raise RuntimeError("the processes' devices did not connect")
+
+
 def put_batch(batch: dict, mesh: Mesh) -> dict:
     """Process-local numpy arrays (n_jit, b_local, ...) -> global arrays sharded on dimension 1."""
     sharding = NamedSharding(mesh, P(None, DATA_AXIS))

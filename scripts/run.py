@@ -47,7 +47,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import jax
 
-    from diffusion import checkpointing, train
+    from diffusion import checkpointing, parallel, train
 
     # Errors that mean "fix the config, data or workdir" and say how; a bug keeps its traceback.
     user_errors = (ValueError, FileNotFoundError, PermissionError, FloatingPointError,
@@ -64,6 +64,7 @@ def main(argv):
         # CPU processes exchange gradients through gloo (GPUs use NCCL, TPUs their ICI).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
+        parallel.connect_processes()
     logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                  jax.devices())
     run = {"train": train.train_and_evaluate, "eval": train.evaluate, "sample": train.sample}

@@ -250,3 +250,41 @@ def test_a_non_finite_loss_on_one_process_stops_both_without_saving(tmp_path):
                                    "process(es) [1] (losses [nan nan]); the state was not saved "
                                    "(last checkpoint: step 4)")
     assert checkpointing.complete_steps(workdir) == [4]
+
+
+# -------------------------------------------------------------------- a slow process
+# Process 1 reaches its first training step 35 s after process 0, as when it compiles the step
+# more slowly (a loaded machine, a compilation-cache hit on process 0 only).
+_LATE_PROCESS_1 = f"""
+import runpy, sys, time
+sys.argv[0] = {os.path.join(ROOT, "scripts", "run.py")!r}
+if "--process_id=1" in sys.argv:
+    sys.path.insert(0, {ROOT!r})
+    from diffusion import train
+    make = train.make_train_step
+    def make_train_step(*args, **kwargs):
+        step, calls = make(*args, **kwargs), []
+        def late_step(*a):
+            if not calls:
+                time.sleep(35)
+            calls.append(1)
+            return step(*a)
+        return late_step
+    train.make_train_step = make_train_step
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow   # 47 s on 2 cores
+def test_a_process_35_s_late_at_the_first_step(tmp_path):
+    """Gloo gives up on connecting a set of devices when a process arrives more than 30 s after
+    another ("Gloo context initialization failed: DEADLINE_EXCEEDED"); `scripts/run.py` connects
+    them right after start-up (`parallel.connect_processes`), so a late process is waited for."""
+    workdir = str(tmp_path / "run")
+    overrides = ["--config.training.n_iters=4", "--config.training.log_freq=2",
+                 "--config.training.snapshot_freq=4", "--config.training.eval_freq=0",
+                 "--config.training.snapshot_sampling=False"]
+    procs, lines = _launch(_TOY, workdir, "train", *overrides, script=["-c", _LATE_PROCESS_1])
+    outs = _wait(procs, lines, timeout=300)
+    assert "step 4/4" in outs[0], outs
+    assert checkpointing.complete_steps(workdir) == [4]
