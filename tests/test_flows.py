@@ -141,9 +141,9 @@ def test_likelihood_matches_the_mixture_density(x64, dim):
                else GaussianMixture.random(jax.random.key(dim), dim, n_components=3))
     t = jnp.full((64,), LIKELIHOOD_EPS)
     x = mixture.sample(jax.random.key(1), 64, t=t, sde=FLOW)
-    logp, nfe = likelihood.log_likelihood(
+    logp, nfe = jax.jit(lambda x: likelihood.log_likelihood(
         jax.random.key(2), FLOW, mixture.score_fn(FLOW), x, divergence="exact", rtol=1e-6,
-        atol=1e-6, eps=LIKELIHOOD_EPS, prior_logp=exact_prior(mixture, FLOW))
+        atol=1e-6, eps=LIKELIHOOD_EPS, prior_logp=exact_prior(mixture, FLOW)))(x)
     exact = mixture.log_prob(x, t, FLOW)
     assert float(jnp.mean(jnp.abs(logp - exact))) < 1e-3
     assert int(nfe) > 0
@@ -185,7 +185,8 @@ def test_the_flows_ode_starts_at_one_from_the_exact_prior():
     # At t = 1 (x_1 = z): E[z - x_0 | x_1] = x_1 - E[x_0].
     np.testing.assert_allclose(velocity, jnp.asarray([[0.3, -0.2]]) - mixture.moments()[0][None],
                                atol=1e-6)
-    x, _ = sampling.ode_sample(jax.random.key(0), FLOW, mixture.score_fn(FLOW), (4, 2))
+    x, _ = jax.jit(lambda k: sampling.ode_sample(k, FLOW, mixture.score_fn(FLOW), (4, 2)))(
+        jax.random.key(0))
     assert np.all(np.isfinite(x))
 
 

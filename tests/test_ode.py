@@ -32,8 +32,9 @@ def test_ode_sample_is_the_exact_flow_of_gaussian_data(sde_name, method, x64):
     too small (measured: one of 256 float32 examples 6.6e-4 off after 6 steps)."""
     sde = SDES[sde_name]
     score = lambda x, t: -x / variance(sde, t)[:, None]  # noqa: E731
-    x, nfe, z = sampling.ode_sample(jax.random.key(0), sde, score, (256, 3), rtol=1e-6,
-                                    atol=1e-6, eps=EPS, method=method, return_latent=True)
+    x, nfe, z = jax.jit(lambda k: sampling.ode_sample(
+        k, sde, score, (256, 3), rtol=1e-6, atol=1e-6, eps=EPS, method=method,
+        return_latent=True))(jax.random.key(0))
     v = variance(sde, jnp.asarray([sde.T, EPS]))
     np.testing.assert_allclose(x, z * jnp.sqrt(v[1] / v[0]), rtol=1e-4, atol=1e-6)
     assert 10 < int(nfe) < 1000
@@ -46,15 +47,16 @@ def test_encode_decode_round_trip_on_a_mixture(x64):
     mixture = GaussianMixture.ring()
     score_fn = mixture.score_fn(sde)
     x = mixture.sample(jax.random.key(0), 4000, t=jnp.full((4000,), EPS), sde=sde)
-    z, nfe_encode = sampling.encode(sde, score_fn, x, rtol=1e-8, atol=1e-8, eps=EPS)
-    x_back, nfe_decode = sampling.decode(sde, score_fn, z, rtol=1e-8, atol=1e-8, eps=EPS)
+    tol = dict(rtol=1e-8, atol=1e-8, eps=EPS)
+    z, nfe_encode = jax.jit(lambda x: sampling.encode(sde, score_fn, x, **tol))(x)
+    x_back, nfe_decode = jax.jit(lambda z: sampling.decode(sde, score_fn, z, **tol))(z)
     np.testing.assert_allclose(x_back, x, atol=1e-5)
     assert int(nfe_encode) > 0 and int(nfe_decode) > 0
     np.testing.assert_allclose(jnp.mean(z, axis=0), 0.0, atol=0.07)      # ~4 standard errors
     np.testing.assert_allclose(jnp.cov(z.T), np.eye(2), atol=0.1)
     # Decoding a given latent is what ode_sample does with z=...
-    x_sampled, _ = sampling.ode_sample(None, sde, score_fn, z.shape, rtol=1e-8, atol=1e-8,
-                                       eps=EPS, z=z)
+    x_sampled, _ = jax.jit(lambda z: sampling.ode_sample(None, sde, score_fn, z.shape, z=z,
+                                                         **tol))(z)
     np.testing.assert_allclose(x_sampled, x_back, atol=1e-9)
 
 
@@ -72,8 +74,9 @@ def test_nfe_is_counted_exactly():
 
     for tol in (1e-3, 1e-6):
         calls.clear()
-        x, nfe = sampling.ode_sample(jax.random.key(0), sde, counting_score, (8, 1), rtol=tol,
-                                     atol=tol, eps=EPS)
+        x, nfe = jax.jit(lambda k: sampling.ode_sample(k, sde, counting_score, (8, 1),
+                                                       rtol=tol, atol=tol, eps=EPS))(  # noqa: B023
+            jax.random.key(0))
         jax.block_until_ready(x)
         jax.effects_barrier()
         assert len(calls) == int(nfe), (tol, len(calls), int(nfe))
@@ -190,8 +193,9 @@ def test_a_score_closing_over_per_example_data(x64):
         alpha = sde.marginal_coeffs(t)[0][:, None]
         return -(x - alpha * mu) / variance(sde, t)[:, None]
 
-    x, _, z = sampling.ode_sample(jax.random.key(0), sde, score, (6, 2), rtol=1e-8, atol=1e-8,
-                                  eps=EPS, return_latent=True)
+    x, _, z = jax.jit(lambda k: sampling.ode_sample(k, sde, score, (6, 2), rtol=1e-8, atol=1e-8,
+                                                    eps=EPS, return_latent=True))(
+        jax.random.key(0))
     (a_T, a_eps), _ = sde.marginal_coeffs(jnp.asarray([sde.T, EPS]))
     v = variance(sde, jnp.asarray([sde.T, EPS]))
     np.testing.assert_allclose(x, a_eps * mu + (z - a_T * mu) * jnp.sqrt(v[1] / v[0]),

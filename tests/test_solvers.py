@@ -154,7 +154,9 @@ def test_evaluations_are_counted_exactly():
         assert len(calls) == nfe, (sampler.__name__, len(calls), nfe)
 
 
-@pytest.mark.parametrize("sde_name", sorted(SDES))
+# VP and VE by default (the other two VP-type processes with -m slow: 7 s each on 2 cores).
+@pytest.mark.parametrize("sde_name", [pytest.param(name, marks=() if name in ("vp", "ve") else
+                                                   pytest.mark.slow) for name in sorted(SDES)])
 def test_stochastic_samplers_match_the_gaussian_marginal(sde_name):
     """DDIM with eta = 1 and EDM with churn sample N(0, v(eps)): variance within 4% (3.5 Monte
     Carlo standard errors; the discretisation bias, measured with 1.6e4 values, is ~1.5% for DDIM
