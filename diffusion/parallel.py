@@ -51,7 +51,7 @@ def connect_processes() -> None:
         batch_sharding(mesh), np.ones((len(mesh.local_devices),), np.int32))
     total = jax.jit(lambda x: x.sum(keepdims=True), out_shardings=NamedSharding(mesh, P()))(ones)
     multihost_utils.process_allgather(np.int32(jax.process_index()))
-    if int(np.asarray(total.addressable_data(0))[0]) != jax.device_count():
+    if int(to_host(total)[0]) != jax.device_count():
         raise RuntimeError("the processes' devices did not connect")
 
 
