@@ -190,7 +190,7 @@ def _write(name: str, data_dir: str, splits: list[str], split_examples: Callable
     """Builds dataset `name` in a temporary folder of data_dir, then moves it into place."""
     import tensorflow_datasets as tfds
 
-    tfds.disable_progress_bar()   # ours (_progress) instead of one tqdm bar per stage
+    tfds.disable_progress_bar()   # ours (`progress`) instead of one tqdm bar per stage
     cls = _builder_class(name, splits, split_examples, label_names)
     version = str(cls.VERSION)
     final = os.path.join(data_dir, name, version)

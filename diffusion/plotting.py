@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 
 import numpy as np
+
+from diffusion.files import atomic_path
 
 
 def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1,
@@ -42,7 +43,8 @@ def save_image_grid(path: str, images: np.ndarray, ncol: int | None = None,
         grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
     mode = "L" if grid.shape[-1] == 1 else "RGB"
     img = Image.fromarray(grid[..., 0] if mode == "L" else grid, mode=mode)
-    _atomic_write(path, lambda p: img.save(p, format="PNG"))
+    with atomic_path(path, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
 
 
 def save_scatter(path: str, samples: np.ndarray, reference: np.ndarray | None = None,
@@ -67,13 +69,9 @@ def save_scatter(path: str, samples: np.ndarray, reference: np.ndarray | None = 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
-
-def _atomic_write(path: str, write) -> None:
-    """Writes via a temporary file and renames, so a crash never leaves a truncated file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)

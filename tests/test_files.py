@@ -40,3 +40,31 @@ def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_p
     with pytest.raises(OSError):
         files.atomic_savez(fresh, x=np.zeros(1))
     assert not os.path.exists(fresh)                          # no file a rerun would trust
+
+
+def test_an_interrupted_png_keeps_the_old_grid_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """The sample grids and scatter plots go through the same writer."""
+    import matplotlib.figure
+    from PIL import Image
+
+    from diffusion import plotting
+
+    grid, scatter = str(tmp_path / "grid.png"), str(tmp_path / "scatter.png")
+    plotting.save_image_grid(grid, np.ones((4, 8, 8, 1)))
+    points = np.random.default_rng(0).normal(size=(10, 2))
+    plotting.save_scatter(scatter, points)
+    before = {p: (tmp_path / p).read_bytes() for p in (grid, scatter)}
+
+    def dies_half_way(self, file, *args, **kwargs):
+        with open(file, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", dies_half_way)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        plotting.save_image_grid(grid, np.zeros((4, 8, 8, 1)))
+    with pytest.raises(OSError, match="No space left"):
+        plotting.save_scatter(scatter, -points)
+    assert sorted(os.listdir(tmp_path)) == ["grid.png", "scatter.png"]
+    assert {p: (tmp_path / p).read_bytes() for p in (grid, scatter)} == before
