@@ -50,6 +50,12 @@ def _discrete_index(t: Array, T: float, N: int) -> Array:
     return jnp.clip(jnp.floor(t * (N - 1) / T), 0, N - 1).astype(jnp.int32)
 
 
+def _gaussian_logp(z: Array, std: float) -> Array:
+    """log N(z; 0, std^2 I) per example, z (B, ...) -> (B,)."""
+    d = math.prod(z.shape[1:])
+    return -0.5 * d * math.log(2 * math.pi * std**2) - 0.5 * _sum_except_batch(z**2) / std**2
+
+
 class _UnitGaussianPrior:
     """Prior N(0, I), shared by the variance-preserving family."""
 
@@ -57,8 +63,17 @@ class _UnitGaussianPrior:
         return jax.random.normal(key, shape)
 
     def prior_logp(self, z: Array) -> Array:
-        d = math.prod(z.shape[1:])
-        return -0.5 * d * math.log(2 * math.pi) - 0.5 * _sum_except_batch(z**2)
+        return _gaussian_logp(z, 1.0)
+
+
+class _EulerMaruyamaChain:
+    """The discrete chain of an SDE without a named one: its Euler-Maruyama steps of dt = T / N,
+    f dt and g sqrt(dt)."""
+
+    def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
+        dt = self.T / self.N
+        f, g = self.sde(x, t)
+        return f * dt, g * math.sqrt(dt)
 
 
 class _LinearBeta:
@@ -188,7 +203,7 @@ class CosineVPSDE(_VariancePreserving, _DDPMChain, SDE):
 
 
 @dataclasses.dataclass(frozen=True)
-class SubVPSDE(_LinearBeta, _UnitGaussianPrior, SDE):
+class SubVPSDE(_LinearBeta, _UnitGaussianPrior, _EulerMaruyamaChain, SDE):
     """The sub-VP SDE (Song et al. eq. 29), whose variance is bounded by the VP SDE's.
 
     dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta(s) ds))) dw,
@@ -209,10 +224,6 @@ class SubVPSDE(_LinearBeta, _UnitGaussianPrior, SDE):
         log_alpha = self.log_alpha(t)
         return jnp.exp(log_alpha), -jnp.expm1(2.0 * log_alpha)
 
-    def discretize(self, x, t):
-        dt = self.T / self.N
-        f, g = self.sde(x, t)
-        return f * dt, g * math.sqrt(dt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,9 +267,7 @@ class VESDE(SDE):
         return self.sigma_max * jax.random.normal(key, shape)
 
     def prior_logp(self, z):
-        d = math.prod(z.shape[1:])
-        return (-0.5 * d * math.log(2 * math.pi * self.sigma_max**2)
-                - 0.5 * _sum_except_batch(z**2) / self.sigma_max**2)
+        return _gaussian_logp(z, self.sigma_max)
 
     @property
     def discrete_sigmas(self) -> np.ndarray:
@@ -278,7 +287,7 @@ class VESDE(SDE):
         return jnp.zeros_like(x), jnp.sqrt(sigma**2 - previous**2)
 
 
-class Interpolant(SDE):
+class Interpolant(_EulerMaruyamaChain, SDE):
     """A process given by its marginal coefficients alone: x_t = alpha(t) x_0 + sigma(t) z.
 
     The SDE with these marginals is linear (Kingma et al. 2021, "Variational Diffusion Models",
@@ -293,17 +302,11 @@ class Interpolant(SDE):
         f = d_alpha / alpha
         return batch_broadcast(f, x) * x, jnp.sqrt(2.0 * sigma * (d_sigma - f * sigma))
 
-    def discretize(self, x, t):
-        dt = self.T / self.N
-        f, g = self.sde(x, t)
-        return f * dt, g * math.sqrt(dt)
-
     def prior_sampling(self, key, shape):
         return self._prior_std() * jax.random.normal(key, shape)
 
     def prior_logp(self, z):
-        d, std = math.prod(z.shape[1:]), self._prior_std()
-        return -0.5 * d * math.log(2 * math.pi * std**2) - 0.5 * _sum_except_batch(z**2) / std**2
+        return _gaussian_logp(z, self._prior_std())
 
     def _prior_std(self) -> float:
         return float(self.marginal_coeffs(np.asarray([self.T], np.float64))[1][0])
