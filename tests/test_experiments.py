@@ -14,10 +14,12 @@ from tests.helpers import data_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The default suite trains, samples and evaluates the U-Net on embedded images and the MLP on 2-D
-# points; DDPM++ on tfds images is trained by the default suite
-# (test_cifar_config_trains_on_a_built_tfds_dataset_with_worker_processes) and sampled and
-# evaluated with -m slow (a minute on 2 cores). The others repeat those loops with another SDE /
-# loss / network preset (their pieces are tested on their own) and run with -m slow.
+# points, and reads a built tfds dataset through the CIFAR-10 config's input path
+# (test_cifar_config_reads_a_built_tfds_dataset_in_worker_processes); training on it
+# (test_cifar_config_trains_on_a_built_tfds_dataset_with_worker_processes) and DDPM++ sampled
+# and evaluated on tfds images run with -m slow (a minute each on 2 cores). The others repeat
+# those loops with another SDE / loss / network preset (their pieces are tested on their own) and
+# run with -m slow.
 EXPERIMENTS = [("digits", False), ("toy_2d", False),
                pytest.param("vp_cifar", False, marks=pytest.mark.slow),
                # FID / KID of the digits smoke run (the Inception network at 299 x 299 compiles
