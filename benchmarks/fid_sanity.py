@@ -27,14 +27,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusion import datasets, metrics  # noqa: E402
+from diffusion import data as data_lib
+from diffusion import metrics  # noqa: E402
 from diffusion.metrics import fid, inception  # noqa: E402
 
 
 def digits_pixels(split: str) -> np.ndarray:
-    ds = datasets.load_dataset("digits")
+    ds = data_lib.load_dataset("digits")
     source = ds.split(split)
-    levels, _ = datasets.take(source, np.arange(len(source)))
+    levels, _ = data_lib.take(source, np.arange(len(source)))
     return fid.to_pixels(levels / np.float32(ds.num_levels - 1))
 
 

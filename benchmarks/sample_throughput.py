@@ -49,7 +49,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from train_throughput import load_config  # noqa: E402  (benchmarks/, the script's folder)
 
-from diffusion import datasets, experiment, generate, metrics  # noqa: E402
+from diffusion import data as data_lib
+from diffusion import experiment, generate, metrics  # noqa: E402
 from diffusion.evaluate import make_inception_extractor  # noqa: E402
 from diffusion.parallel import data_mesh, replicated_batch  # noqa: E402
 
@@ -229,7 +230,7 @@ def fid_wall_time(args) -> None:
         config.eval.inception_weights = args.inception_weights
     exp, params = build(config, args.dtype)
     extractor = make_inception_extractor(exp.eval, mesh)
-    inverse = datasets.inverse_scaler(exp.data.centered)
+    inverse = data_lib.inverse_scaler(exp.data.centered)
     key = exp.key("fid")
 
     # Warm-up (compiles), then one timed batch of each to size the run.

@@ -54,7 +54,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from diffusion import datasets, train, train_state  # noqa: E402
+from diffusion import data as data_lib
+from diffusion import train, train_state  # noqa: E402
 
 
 def load_config(path: str):
@@ -88,7 +89,7 @@ def _jitted_step(config):
     state = train.init_train_state(exp, mesh)
     step_fn = train.make_train_step(exp.loss_fn, exp.tx, config.model.ema_rate, mesh,
                                     config.model.ema_warmup, config.training.unroll)
-    host = datasets.batch_at(exp.dataset, "train", 0, config.training.batch_size, seed=0,
+    host = data_lib.batch_at(exp.dataset, "train", 0, config.training.batch_size, seed=0,
                              centered=config.data.centered)
     batch = train.put_batch({"x": np.stack([host["x"]] * config.training.n_jitted_steps)}, mesh)
     return step_fn, state, batch, jax.random.key(0), mesh
@@ -424,7 +425,7 @@ def memory_case(root: str, case: str, steps: int) -> dict:
                     f"({config.sampling.batch_size} samples, pc {config.sde.N}), eval loss at "
                     f"the end")
         elif case == "cifar_smoke":  # on a locally built CIFAR-shaped tfds dataset
-            from diffusion import synthetic_tfds
+            from tests import synthetic_tfds
 
             config = load_config(os.path.join(root, "experiments", "vp_cifar.py:smoke"))
             config.data.dataset = synthetic_tfds.build(tmp, num_train=1000, num_test=100)
@@ -457,11 +458,11 @@ def memory_table(args) -> None:
 def pipeline_table(args) -> None:
     """Batches/s of the tfds input pipeline on a locally built CIFAR-shaped array_record dataset
     (PNG-encoded, as tfds stores cifar10), for 0 (a thread) and N worker processes."""
-    from diffusion import synthetic_tfds
+    from tests import synthetic_tfds
 
     with tempfile.TemporaryDirectory() as data_dir:
         name = synthetic_tfds.build(data_dir, num_train=args.pipeline_examples, num_test=100)
-        data = datasets.load_dataset(name, image_size=32, num_channels=3, data_dir=data_dir)
+        data = data_lib.load_dataset(name, image_size=32, num_channels=3, data_dir=data_dir)
         print(f"\nInput pipeline: batches of {args.batch} from a locally built tfds dataset "
               f"({args.pipeline_examples} PNG-encoded 32x32x3 images, array_record), random "
               f"flips and dequantization on; {os.cpu_count()} CPU cores.\n")
@@ -469,7 +470,7 @@ def pipeline_table(args) -> None:
         print(f"|{'-' * 22}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
         for workers in [int(w) for w in args.workers.split(",")]:
             t0 = time.perf_counter()
-            with datasets.BatchIterator(data, "train", 0, args.batch, num_workers=workers,
+            with data_lib.BatchIterator(data, "train", 0, args.batch, num_workers=workers,
                                         prefetch=max(4, 2 * workers), seed=0,
                                         uniform_dequantization=True, random_flip=True) as it:
                 next(it)

@@ -7,7 +7,7 @@ The public modules, imported explicitly (no import side effects, no registries):
     from diffusion import models               # get_model, MLP, UNet, make_score_model
     from diffusion import losses               # make_dsm_loss, make_flow_matching_loss, ...
     from diffusion import sampling             # pc_sample
-    from diffusion import datasets, metrics
+    from diffusion import data, metrics      # data.load_dataset, data.batch_at, ...; FID
     from diffusion import experiment           # build(config) -> Experiment (the config reader)
     from diffusion import train                # train_and_evaluate, evaluate, sample
 
@@ -16,7 +16,8 @@ TensorBoard) are not imported here, so that using the SDEs, networks and sampler
 in the training stack.
 """
 
-from diffusion import datasets as datasets
+from diffusion import data as data
+from diffusion import data as datasets  # the name of `data` in earlier versions
 from diffusion import losses as losses
 from diffusion import metrics as metrics
 from diffusion import models as models

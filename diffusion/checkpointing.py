@@ -2,7 +2,7 @@
 
 The whole training state (step, params, EMA params, optimizer state) is one pytree saved under
 `<workdir>/checkpoints/<step>/`. The data position and the random noise of every step are
-functions of the step (see `diffusion.datasets.batch_at` and `diffusion.train`), so the step is
+functions of the step (see `diffusion.data.batch_at` and `diffusion.train`), so the step is
 all a resumed run needs to continue exactly where the saved one stopped.
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a run that

@@ -22,7 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion import datasets, likelihood, metrics, rng
+from diffusion import data as data_lib
+from diffusion import likelihood, metrics, rng
 from diffusion.experiment import EvalSettings, Experiment, build
 from diffusion.generate import draw_samples, sample_batches
 from diffusion.models import parameterization
@@ -58,7 +59,7 @@ def eval_loss(exp: Experiment, params, num_batches: int, key: jax.Array) -> floa
     num_batches = min(num_batches, max(1, len(exp.dataset.eval) // bs))
     total = 0.0
     for i in range(num_batches):
-        batch = datasets.batch_at(exp.dataset, "eval", i, bs, seed=exp.seed, train=False,
+        batch = data_lib.batch_at(exp.dataset, "eval", i, bs, seed=exp.seed, train=False,
                                   centered=exp.data.centered,
                                   uniform_dequantization=exp.data.uniform_dequantization)
         keep = ("x", "label") if exp.conditional else ("x",)
@@ -78,7 +79,7 @@ def classifier_accuracy(exp: Experiment, params) -> dict:
     for a noise-conditional one also on x_t = alpha(t) x_0 + sigma(t) z at CLASSIFIER_TIMES
     (fixed noise)."""
     n, bs = len(exp.dataset.eval), exp.eval.batch_size
-    data = datasets.examples_at(exp.dataset, "eval", np.arange(n), seed=exp.seed,
+    data = data_lib.examples_at(exp.dataset, "eval", np.arange(n), seed=exp.seed,
                                 centered=exp.data.centered)
     if "classifier" not in exp.compiled:
         def predict(params, x, t, key):
@@ -197,7 +198,7 @@ def eval_likelihood(exp: Experiment, params, mesh: Mesh) -> dict:
     for batch_positions in progress(iter(batches), len(positions), bs, "likelihood examples"):
         # The last batch is padded to the compiled size by repeating its last example.
         padded = np.pad(batch_positions, (0, bs - len(batch_positions)), mode="edge")
-        x = datasets.examples_at(exp.dataset, "eval", padded, seed=exp.seed,
+        x = data_lib.examples_at(exp.dataset, "eval", padded, seed=exp.seed,
                                  centered=exp.data.centered, uniform_dequantization=True)["x"]
         batch = {"x": x, "index": padded.astype(np.int32)}
         logp, batch_nfe = log_likelihood_fn(params, key, jax.tree.map(
@@ -232,10 +233,10 @@ def sample_distances(exp: Experiment, params, mesh: Mesh) -> dict:
     samples, nfe = draw_samples(exp, params, mesh, exp.sampling.num_samples,
                                 exp.key("eval_samples"))
     n = min(len(exp.dataset.eval), 10_000)
-    ref = datasets.take(exp.dataset.eval, np.arange(n))[0].astype(np.float32)
+    ref = data_lib.take(exp.dataset.eval, np.arange(n))[0].astype(np.float32)
     key = exp.key("projections")
     m = min(2000, n, len(samples))
-    train_points = datasets.batch_at(exp.dataset, "train", 0, len(samples), seed=exp.seed,
+    train_points = data_lib.batch_at(exp.dataset, "train", 0, len(samples), seed=exp.seed,
                                      train=False)["x"]
     return {"sliced_wasserstein": float(metrics.sliced_wasserstein(key, samples, ref)),
             "sliced_wasserstein_data_floor": float(
@@ -286,7 +287,7 @@ def reference_statistics(exp: Experiment, workdir: str, extractor: metrics.Incep
 
     def batches():
         for start in range(0, n, bs):
-            levels, _ = datasets.take(source, np.arange(start, min(start + bs, n)))
+            levels, _ = data_lib.take(source, np.arange(start, min(start + bs, n)))
             yield metrics.fid.to_pixels(levels / np.float32(exp.dataset.num_levels - 1))
 
     stats = extractor.stats(progress(batches(), n, bs, "reference images"),
@@ -310,7 +311,7 @@ def eval_sample_quality(exp: Experiment, params, mesh: Mesh, workdir: str,
     num = e.fid_num_samples
     method = exp.sampling.method
     print(f"FID / KID: {num} samples ({method} sampler) against {ref_description}", flush=True)
-    inverse = datasets.inverse_scaler(exp.data.centered)
+    inverse = data_lib.inverse_scaler(exp.data.centered)
     nfe = 0
 
     def pixels():

@@ -27,7 +27,8 @@ import jax
 import ml_collections
 import optax
 
-from diffusion import datasets, defaults, likelihood, losses, models
+from diffusion import data as data_lib
+from diffusion import defaults, likelihood, losses, models
 from diffusion import sde as sde_lib
 from diffusion.guide_settings import GuideSettings, guidance_problems
 from diffusion.models import mlp, parameterization
@@ -58,7 +59,7 @@ UNROLL_CHOICES = ("auto", "unroll", "scan")
 
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
-    """How training / eval batches are made from the dataset (`datasets.batch_at`'s options)."""
+    """How training / eval batches are made from the dataset (`data.batch_at`'s options)."""
 
     centered: bool
     uniform_dequantization: bool
@@ -133,7 +134,7 @@ class Experiment:
     score_model: Callable
     loss_fn: losses.LossFn
     tx: optax.GradientTransformation
-    dataset: datasets.Dataset
+    dataset: data_lib.Dataset
     num_classes: int | None
     seed: int
     data: DataSettings
@@ -166,7 +167,7 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False) -
     dataset and the settings of training, sampling and evaluation.
 
     shape_only_data: sampling needs only the data's shape, so a tfds dataset is not opened
-    (`datasets.get_dataset(..., shape_only=True)`).
+    (`data.load_dataset(..., shape_only=True)`).
     """
     for note in check_config(config):
         print(f"note: {note}", flush=True)
@@ -189,7 +190,7 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False) -
                                             config.model.num_classes)
     o = config.optim
     tx = create_optimizer(o.lr, o.warmup, o.grad_clip, o.beta1, o.beta2, o.eps, o.weight_decay)
-    dataset = datasets.get_dataset(config, shape_only=shape_only_data)
+    dataset = data_lib.load_dataset(**dataset_args(config), shape_only=shape_only_data)
     m, d = config.model, config.data
     if m.get("num_classes") is not None and (dataset.num_classes or 1) > m.num_classes:
         raise ValueError(f"Dataset {d.dataset!r} has labels 0..{dataset.num_classes - 1}, but "
@@ -211,6 +212,15 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False) -
 
 
 _NONE_NAMES = (None, "", "none", "None")
+
+
+def dataset_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`data.load_dataset`'s arguments from a config's `data` block."""
+    d = config.data
+    return dict(name=d.dataset, image_size=d.get("image_size"), num_channels=d.get("num_channels"),
+                crop_size=d.get("crop_size"), data_dir=d.get("data_dir"), path=d.get("path"),
+                train_split=d.get("train_split") or "train",
+                eval_split=d.get("eval_split") or "test")
 
 
 def sampling_settings(s: ml_collections.ConfigDict) -> SamplingSettings:
@@ -387,8 +397,8 @@ def _value_problems(config) -> list[str]:
         problems.append(f"training.compute_dtype must be one of "
                         f"{list(parameterization.COMPUTE_DTYPES)}, got {t.compute_dtype!r}")
     e = config.eval
-    if e.fid_ref_split not in datasets.SPLITS:
-        problems.append(f"eval.fid_ref_split must be one of {datasets.SPLITS}, got "
+    if e.fid_ref_split not in data_lib.SPLITS:
+        problems.append(f"eval.fid_ref_split must be one of {data_lib.SPLITS}, got "
                         f"{e.fid_ref_split!r}")
     if e.fid_num_samples < 2 or e.fid_batch_size < 1:
         problems.append(f"eval.fid_num_samples must be >= 2 and eval.fid_batch_size >= 1, got "

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion import datasets
+from diffusion.data import embedded
 from diffusion.sde import SDE, ScoreWithVelocity
 
 Array = jax.Array
@@ -155,18 +155,18 @@ class GaussianMixture:
         return cls(weights, means, covs)
 
     @classmethod
-    def ring(cls, n_components: int = datasets.GMM_COMPONENTS,
-             radius: float = datasets.GMM_RADIUS, std: float = datasets.GMM_STD,
+    def ring(cls, n_components: int = embedded.GMM_COMPONENTS,
+             radius: float = embedded.GMM_RADIUS, std: float = embedded.GMM_STD,
              dim: int = 2) -> GaussianMixture:
         """Equal-weight isotropic components centred on a circle in the first two coordinates.
 
-        The defaults are the "gmm" toy dataset's (`datasets.gmm_params()`): 8 components of std
+        The defaults are the "gmm" toy dataset's (`data.gmm_params()`): 8 components of std
         0.25 at radius 2, the first on the positive x axis; the other dim - 2 coordinates are 0.
         """
         if n_components < 1 or dim < 2:
             raise ValueError(f"ring needs n_components >= 1 and dim >= 2, got {n_components} "
                              f"and {dim}.")
-        means = datasets.ring_means(n_components, radius, dim)
+        means = embedded.ring_means(n_components, radius, dim)
         weights = np.full(n_components, 1.0 / n_components)
         return cls.isotropic(jnp.asarray(weights), jnp.asarray(means), jnp.asarray(std))
 

@@ -21,7 +21,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion import datasets, files, guidance, losses, plotting, rng
+from diffusion import data as data_lib
+from diffusion import files, guidance, losses, plotting, rng
 from diffusion.experiment import Experiment, SamplingSettings, build
 from diffusion.guide_settings import GuideSettings, parse_labels
 from diffusion.models import parameterization
@@ -187,9 +188,9 @@ def save_samples_png(path: str, samples: np.ndarray, exp: Experiment, title: str
     """An image grid of image samples, or a scatter plot over eval data of 2-D samples."""
     if exp.dataset.is_image:
         plotting.save_image_grid(path, samples, ncol,
-                                 transform=datasets.inverse_scaler(exp.data.centered))
+                                 transform=data_lib.inverse_scaler(exp.data.centered))
     else:
-        ref = datasets.take(exp.dataset.eval, np.arange(min(len(exp.dataset.eval), 5000)))[0]
+        ref = data_lib.take(exp.dataset.eval, np.arange(min(len(exp.dataset.eval), 5000)))[0]
         plotting.save_scatter(path, samples, ref[:, :2] if ref.shape[1] > 2 else ref, title=title)
 
 
@@ -205,10 +206,10 @@ def task_inputs(exp: Experiment, num: int) -> tuple[dict[str, np.ndarray], np.nd
     """
     g, shape = exp.sampling.guide, exp.dataset.data_shape
     h, w, c = shape
-    scale = datasets.data_scaler(exp.data.centered)
+    scale = data_lib.data_scaler(exp.data.centered)
     if g.task_input == "eval":
         n = min(num, len(exp.dataset.eval))
-        originals = datasets.examples_at(exp.dataset, "eval", np.arange(num) % n, seed=exp.seed,
+        originals = data_lib.examples_at(exp.dataset, "eval", np.arange(num) % n, seed=exp.seed,
                                          centered=exp.data.centered)["x"]
         measured = {"inpaint": lambda x: x, "colorize": lambda x: x.mean(-1, keepdims=True),
                     "super_resolve": lambda x: np.asarray(guidance.downsample(x, g.sr_factor))}
@@ -335,5 +336,5 @@ def save_task_png(path: str, exp: Experiment, samples, cond, originals, columns:
     else:
         shown = np.asarray(guidance.upsample(known, g.sr_factor))
     rows = [shown, samples[:n]] + ([originals[:n]] if originals is not None else [])
-    images = datasets.inverse_scaler(exp.data.centered)(np.concatenate(rows))
+    images = data_lib.inverse_scaler(exp.data.centered)(np.concatenate(rows))
     plotting.save_image_grid(path, images, ncol=n)

@@ -14,7 +14,7 @@ def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1,
                transform: Callable | None = None) -> np.ndarray:
     """Tiles images (N, H, W, C) in [0, 1] into one uint8 array (rows*(H+pad), cols*(W+pad), C).
 
-    `transform` (elementwise, e.g. `datasets.inverse_scaler`) maps each image into [0, 1] first.
+    `transform` (elementwise, e.g. `data.inverse_scaler`) maps each image into [0, 1] first.
     Image by image: memory beyond the input is the uint8 grid and one image, not float copies of
     all N images.
     """

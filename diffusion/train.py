@@ -29,7 +29,8 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from diffusion import checkpointing, datasets, losses
+from diffusion import data as data_lib
+from diffusion import checkpointing, losses
 from diffusion.evaluate import eval_loss
 from diffusion.evaluate import evaluate as evaluate
 from diffusion.experiment import Experiment as Experiment
@@ -255,8 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logger = _Logger(workdir, t.n_iters, t.batch_size, start)
     watcher = checkpointing.PreemptionWatcher(mesh)
     # Worker processes for tfds records (decoding holds the GIL); a thread for in-memory data.
-    workers = 0 if isinstance(exp.dataset.train, datasets.ArraySource) else exp.data.num_workers
-    iterator = datasets.BatchIterator(exp.dataset, "train", start, t.batch_size,
+    workers = 0 if isinstance(exp.dataset.train, data_lib.ArraySource) else exp.data.num_workers
+    iterator = data_lib.BatchIterator(exp.dataset, "train", start, t.batch_size,
                                       prefetch=max(4, 2 * n_jit), num_workers=workers,
                                       **data_kwargs)
 

@@ -1,6 +1,6 @@
 """A 2-D Gaussian mixture learned by a small MLP score network with the VP SDE.
 
-The data's density and score are known exactly (`diffusion.datasets.gmm_params`), so this is the
+The data's density and score are known exactly (`diffusion.data.gmm_params`), so this is the
 experiment to check a change to an SDE, loss or sampler by eye and by number.
 
     python scripts/run.py --config experiments/toy_2d.py --workdir runs/toy_2d

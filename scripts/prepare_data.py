@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusion import archives  # noqa: E402
+from diffusion.data import archives  # noqa: E402
 
 
 def default_data_dir() -> str:

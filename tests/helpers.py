@@ -22,9 +22,9 @@ def random_params(net, *args, seed=0, scale=0.3, **kwargs):
 
 def data_context(config):
     """tfds.testing.mock_data (16 examples) for a config whose dataset is not embedded."""
-    from diffusion import datasets
+    from diffusion import data as data_lib
 
-    if config.data.dataset not in datasets.EMBEDDED_DATASETS:
+    if config.data.dataset not in data_lib.EMBEDDED_DATASETS:
         import tensorflow_datasets as tfds
 
         return tfds.testing.mock_data(num_examples=16)

@@ -11,7 +11,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from diffusion import archives, datasets
+from diffusion import data as data_lib
+from diffusion.data import archives
 from experiments import vp_celeba64, vp_cifar
 from scripts import prepare_data
 
@@ -57,7 +58,7 @@ def _pairs(images, labels):
 
 
 def _read_split(config, split):
-    data = datasets.get_dataset(config)
+    data = data_lib.get_dataset(config)
     source = data.train if split == "train" else data.eval
     examples = [source[i] for i in range(len(source))]
     return [e["x"] for e in examples], [e["label"] for e in examples], data
@@ -192,7 +193,7 @@ def test_celeb_a_from_the_zip_reads_back_exactly(tmp_path, monkeypatch):
     config = vp_celeba64.get_config()
     config.data.data_dir = data_dir
     images, _, data = _read_split(config, "train")
-    expected = [datasets.center_crop_resize(p, 64, 140) for p, _ in put["train"].values()]
+    expected = [data_lib.center_crop_resize(p, 64, 140) for p, _ in put["train"].values()]
     assert sorted(i.tobytes() for i in images) == sorted(e.tobytes() for e in expected)
     assert data.data_shape == (64, 64, 3)
 

@@ -10,7 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from diffusion import checkpointing, datasets, train
+from diffusion import data as data_lib
+from diffusion import checkpointing, train
 from experiments import digits, toy_2d, vp_cifar
 
 
@@ -84,7 +85,7 @@ def test_a_tfds_dataset_that_is_not_prepared(tmp_path):
     config = vp_cifar.get_config("smoke")
     config.data.data_dir = str(tmp_path / "tfds")
     os.makedirs(config.data.data_dir)
-    _refused(config, tmp_path, datasets.DatasetNotFoundError, r"not prepared")
+    _refused(config, tmp_path, data_lib.DatasetNotFoundError, r"not prepared")
     assert not os.listdir(config.data.data_dir)
 
 
@@ -117,9 +118,9 @@ def test_nan_or_negative_labels_in_in_memory_data():
     x[3, 1] = np.nan
     with pytest.raises(ValueError, match=r"1 of 5 examples have NaN or infinite values \(the "
                                          r"first at index 3\)"):
-        datasets.ArraySource(x, np.zeros(5, np.int64))
+        data_lib.ArraySource(x, np.zeros(5, np.int64))
     with pytest.raises(ValueError, match=r"Labels must be >= 0, got -1 \(index 2\)"):
-        datasets.ArraySource(np.zeros((5, 2), np.float32), np.array([0, 1, -1, 0, 0]))
+        data_lib.ArraySource(np.zeros((5, 2), np.float32), np.array([0, 1, -1, 0, 0]))
 
 
 def test_cli_reports_an_unwritable_workdir_in_one_line(tmp_path):

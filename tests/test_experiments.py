@@ -98,15 +98,16 @@ def test_cifar_config_reads_a_built_tfds_dataset_in_worker_processes(tmp_path):
     """The real input path, without a network: array_record files through tfds.data_source, PNG
     decoding, and batches prepared by spawned worker processes equal to those made in process
     (mock data does not reach those)."""
-    from diffusion import datasets, synthetic_tfds
+    from diffusion import data as data_lib
+    from tests import synthetic_tfds
 
     config = importlib.import_module("experiments.vp_cifar").get_config("smoke")
     config.data.data_dir = str(tmp_path / "tfds")
     config.data.dataset = synthetic_tfds.build(config.data.data_dir, num_train=64, num_test=8)
-    data = datasets.get_dataset(config)
+    data = data_lib.get_dataset(config)
     kwargs = dict(seed=1, random_flip=True, centered=True)
-    expected = [datasets.batch_at(data, "train", s, 8, **kwargs) for s in range(3)]
-    with datasets.BatchIterator(data, "train", 0, 8, num_workers=2, stop_step=3,
+    expected = [data_lib.batch_at(data, "train", s, 8, **kwargs) for s in range(3)]
+    with data_lib.BatchIterator(data, "train", 0, 8, num_workers=2, stop_step=3,
                                 **kwargs) as batches:
         got = list(batches)
     assert len(got) == 3
@@ -120,7 +121,7 @@ def test_cifar_config_reads_a_built_tfds_dataset_in_worker_processes(tmp_path):
 def test_cifar_config_trains_on_a_built_tfds_dataset_with_worker_processes(tmp_path):
     """The real input path: array_record files through tfds.data_source, PNG decoding, and
     batches prepared by spawned worker processes (mock data does not reach those)."""
-    from diffusion import synthetic_tfds
+    from tests import synthetic_tfds
 
     # DDPM's U-Net (ddpm_cifar): it compiles in half the time of DDPM++, and the network is
     # not what this test is about.

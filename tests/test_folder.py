@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion import datasets, folder
+from diffusion import data as data_lib
+from diffusion.data import folder
 from experiments import folder as folder_config
 
 
@@ -40,7 +41,7 @@ def test_pixels_labels_and_splits_from_class_folders(tmp_path):
             for i, img in enumerate(_images(rng, n)):
                 _write(tmp_path / "data" / split / cls / f"{i}.png", img)
                 put.setdefault(split, []).append((img.tobytes(), ["cat", "dog"].index(cls)))
-    data = datasets.get_dataset(_config(tmp_path / "data"))
+    data = data_lib.get_dataset(_config(tmp_path / "data"))
     assert data.num_classes == 2 and data.data_shape == (8, 8, 3) and data.num_levels == 256
     for split, source in (("train", data.train), ("test", data.eval)):
         got = sorted((source[i]["x"].tobytes(), source[i]["label"]) for i in range(len(source)))
@@ -56,18 +57,18 @@ def test_hold_out_resize_crop_grayscale_and_jpeg(tmp_path):
     wide = rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)
     _write(tmp_path / "d" / "zz_wide.png", wide)
     _write(tmp_path / "d" / "zz_photo.jpg", _images(rng, 1)[0], "JPEG")
-    data = datasets.get_dataset(_config(tmp_path / "d"))
+    data = data_lib.get_dataset(_config(tmp_path / "d"))
     assert (len(data.train), len(data.eval)) == (100, 3) and data.num_classes is None
     paths = data.train.paths + data.eval.paths
     wide_i = data.train.paths.index("zz_wide.png")
-    expected = datasets.center_crop_resize(wide[:, 10:30], 8)
+    expected = data_lib.center_crop_resize(wide[:, 10:30], 8)
     np.testing.assert_array_equal(data.train[wide_i]["x"], expected)
     src = data.train if "zz_photo.jpg" in data.train.paths else data.eval
     j = src.paths.index("zz_photo.jpg")
     np.testing.assert_array_equal(src[j]["x"], np.asarray(Image.open(tmp_path / "d" /
                                                                      "zz_photo.jpg")))
     assert sorted(paths) == sorted(os.listdir(tmp_path / "d"))
-    gray = datasets.get_dataset(_config(tmp_path / "d", channels=1))
+    gray = data_lib.get_dataset(_config(tmp_path / "d", channels=1))
     assert gray.train[0]["x"].shape == (8, 8, 1)
 
 
@@ -75,17 +76,17 @@ def test_batches_are_a_function_of_the_step_in_threads_processes_and_two_hosts(t
     rng = np.random.default_rng(2)
     for i in range(24):
         _write(tmp_path / "d" / ("a" if i % 2 else "b") / f"{i}.png", _images(rng, 1)[0])
-    data = datasets.get_dataset(_config(tmp_path / "d"))
+    data = data_lib.get_dataset(_config(tmp_path / "d"))
     kwargs = dict(seed=3, random_flip=True)
-    first = [datasets.batch_at(data, "train", s, 8, **kwargs) for s in range(3)]
-    again = datasets.batch_at(data, "train", 1, 8, **kwargs)
+    first = [data_lib.batch_at(data, "train", s, 8, **kwargs) for s in range(3)]
+    again = data_lib.batch_at(data, "train", 1, 8, **kwargs)
     np.testing.assert_array_equal(first[1]["x"], again["x"])
-    with datasets.BatchIterator(data, "train", 0, 8, num_workers=2, stop_step=3,
+    with data_lib.BatchIterator(data, "train", 0, 8, num_workers=2, stop_step=3,
                                 **kwargs) as batches:
         for batch, expected in zip(batches, first, strict=True):
             np.testing.assert_array_equal(batch["x"], expected["x"])
             np.testing.assert_array_equal(batch["label"], expected["label"])
-    halves = [datasets.batch_at(data, "train", 2, 8, process_index=p, process_count=2, **kwargs)
+    halves = [data_lib.batch_at(data, "train", 2, 8, process_index=p, process_count=2, **kwargs)
               for p in range(2)]
     np.testing.assert_array_equal(np.concatenate([h["x"] for h in halves]), first[2]["x"])
 
@@ -96,14 +97,14 @@ def test_a_corrupt_image_is_reported_by_name_skipped_and_not_reopened(tmp_path, 
     for i in range(3):
         _write(tmp_path / "d" / f"{i}.png", _images(rng, 1)[0])
     (tmp_path / "d" / "broken.png").write_bytes(b"\x89PNG not really")
-    data = datasets.get_dataset(_config(tmp_path / "d"))
+    data = data_lib.get_dataset(_config(tmp_path / "d"))
     assert "broken.png" not in data.train.paths + data.eval.paths
     assert len(data.train) + len(data.eval) == 3
     err = capsys.readouterr().err
     assert f"skipping {tmp_path / 'd' / 'broken.png'}, which cannot be read" in err
     # The cached index: nothing is opened again while the files are unchanged.
     monkeypatch.setattr(folder, "_readable", lambda path: pytest.fail(f"reopened {path}"))
-    again = datasets.get_dataset(_config(tmp_path / "d"))
+    again = data_lib.get_dataset(_config(tmp_path / "d"))
     assert again.train.paths == data.train.paths
     assert "skipping" not in capsys.readouterr().err
 
@@ -112,18 +113,18 @@ def test_empty_missing_and_mixed_folders_are_refused(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match=r"holds no readable image"):
-        datasets.get_dataset(_config(tmp_path / "empty"))
+        data_lib.get_dataset(_config(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match=r"is not a folder"):
-        datasets.get_dataset(_config(tmp_path / "absent"))
+        data_lib.get_dataset(_config(tmp_path / "absent"))
     config = _config(tmp_path / "empty")
     config.data.path = None
     with pytest.raises(ValueError, match=r"set --config.data.path=DIR"):
-        datasets.get_dataset(config)
+        data_lib.get_dataset(config)
     rng = np.random.default_rng(4)
     _write(tmp_path / "mixed" / "cat" / "0.png", _images(rng, 1)[0])
     _write(tmp_path / "mixed" / "loose.png", _images(rng, 1)[0])
     with pytest.raises(ValueError, match=r"class subfolders \(cat\) and 1 outside them"):
-        datasets.get_dataset(_config(tmp_path / "mixed"))
+        data_lib.get_dataset(_config(tmp_path / "mixed"))
 
 
 @pytest.mark.slow   # compiles the DDPM++ smoke network (about 30 s on 2 cores)

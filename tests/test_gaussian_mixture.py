@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import datasets
+from diffusion import data as data_lib
 from diffusion import sde as sde_lib
 from diffusion.gaussian_mixture import GaussianMixture
 
@@ -330,7 +330,7 @@ def test_ring_samples_times_keys_and_marginal(x64):
 def test_ring_random_and_isotropic():
     with jax.enable_x64(True):
         gm = GaussianMixture.ring()
-        weights, means, covs = datasets.gmm_params()  # the "gmm" toy dataset
+        weights, means, covs = data_lib.gmm_params()  # the "gmm" toy dataset
         np.testing.assert_array_equal(gm.weights, weights)
         np.testing.assert_array_equal(gm.means, means)
         np.testing.assert_array_equal(gm.covs, covs)

@@ -164,7 +164,7 @@ class FolderSource(Sequence):
     def __getitem__(self, i: int) -> dict[str, Any]:
         from PIL import Image
 
-        from diffusion.sources import check_index, square_image
+        from diffusion.data.sources import check_index, square_image
 
         i = check_index(i, len(self.paths))
         with Image.open(os.path.join(self.root, self.paths[i])) as image:
@@ -175,7 +175,7 @@ class FolderSource(Sequence):
 def load_folder(root: str | None, image_size: int | None, num_channels: int | None,
                 crop_size: int | None):
     """The `Dataset` of a folder of images (see the module docstring)."""
-    from diffusion.sources import Dataset
+    from diffusion.data.sources import Dataset
 
     if not root:
         raise ValueError("data.dataset='folder' reads the images under data.path: set "

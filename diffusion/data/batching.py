@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from diffusion.sources import SPLITS, ArraySource, Dataset
+from diffusion.data.sources import SPLITS, ArraySource, Dataset
 
 # Streams of randomness derived from the seed (never reused for two purposes).
 _PERMUTATION_STREAM = 0

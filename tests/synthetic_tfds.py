@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from diffusion.archives import png_file
+from diffusion.data.archives import png_file
 
 NAME = "synthetic_images"
 IMAGE_SHAPE = (32, 32, 3)
