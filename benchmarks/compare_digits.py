@@ -17,7 +17,7 @@ For each model, from its EMA parameters:
    `--probe` samples, in data units ([-1, 1]), at 10, 20 and 50 steps. The best sampler at each
    step count is the one with the smallest error.
 2. FID of `--fid_samples` samples (2,000: the digits' protocol, against the 1,497 training
-   digits; needs the converted Inception weights, README "Sample quality") for that sampler at
+   digits; needs the converted Inception weights, docs/likelihood_and_fid.md) for that sampler at
    10, 20 and 50 steps, and for the adaptive ODE solver at the configs' tolerance (1e-5).
 3. Bits/dim of the 300 eval digits through the probability-flow ODE (the configs' protocol:
    uniform dequantization, Hutchinson divergence, rtol 1e-5).

@@ -1,6 +1,6 @@
 """Guided sampling on the embedded digits: how often samples are the class asked for, and FID.
 
-Needs four trained runs (the README's "Controllable generation" section has the commands):
+Needs four trained runs (docs/controllable.md has the commands):
 
     python scripts/run.py --config experiments/digits_cond.py --workdir runs/digits_cond
     python scripts/run.py --config experiments/digits.py --workdir runs/digits

@@ -49,10 +49,10 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from train_throughput import load_config  # noqa: E402  (benchmarks/, the script's folder)
 
-from diffusion import data as data_lib
+from diffusion import data as data_lib  # noqa: E402
 from diffusion import experiment, generate, metrics  # noqa: E402
 from diffusion.evaluate import make_inception_extractor  # noqa: E402
-from diffusion.parallel import data_mesh, replicated_batch  # noqa: E402
+from diffusion.parallel import data_mesh, global_batch  # noqa: E402
 
 # network name -> paper config under experiments/
 NETWORKS = {"ddpmpp": "vp_cifar", "ncsnpp": "ve_cifar"}
@@ -118,7 +118,7 @@ def sampler_inputs(exp: experiment.Experiment, mesh, batch: int) -> dict:
     """The conditioning batch `generate.sample_batches` hands an unconditional sampler."""
     host = {"index": np.arange(batch, dtype=np.int32), "y": np.zeros((batch,), np.int32),
             "cond": np.zeros((batch, 1), np.float32), "mask": np.zeros((batch, 1), np.float32)}
-    return jax.tree.map(lambda a: replicated_batch(a, mesh), host)
+    return jax.tree.map(lambda a: global_batch(a, mesh), host)
 
 
 def time_sampler(exp, params, mesh, batch: int, repeats: int, case_seconds: float) -> dict:
@@ -188,8 +188,8 @@ def throughput_table(args) -> None:
 
 def random_inception_weights(path: str) -> str:
     """Writes random weights of the FID Inception network's shapes, in the converted format
-    (`inception.load_params`), to `path`: the same cost as the real ones, meaningless values. For
-    a machine without the converted weights (they are 87 MB and fetched with pip)."""
+    (`inception_weights.load_params`), to `path`: the same cost as the real ones, meaningless
+    values. For a machine without the converted weights (they are 87 MB and fetched with pip)."""
     from diffusion.metrics import inception
 
     shapes = jax.eval_shape(inception.InceptionV3().init, jax.random.key(0),

@@ -17,7 +17,6 @@ in the training stack.
 """
 
 from diffusion import data as data
-from diffusion import data as datasets  # the name of `data` in earlier versions
 from diffusion import losses as losses
 from diffusion import metrics as metrics
 from diffusion import models as models
@@ -30,5 +29,7 @@ from diffusion.sde import CosineVPSDE as CosineVPSDE
 from diffusion.sde import RectifiedFlow as RectifiedFlow
 from diffusion.sde import SubVPSDE as SubVPSDE
 from diffusion.sde import get_sde as get_sde
+
+datasets = data   # the name of `data` in earlier versions: datasets.get_dataset(config)
 
 __version__ = "0.1.0"

@@ -1,22 +1,24 @@
 """Shared defaults of every experiment (score_sde's names and values); not an experiment itself.
 
 Experiments (experiments/*.py) start from `get_default_config()` and override only what differs.
-`diffusion.experiment.check_config` refuses a key that is not here unless the chosen network
+`diffusion.config_checks.check_config` refuses a key that is not here unless the chosen network
 (model.*) or SDE (sde.*) takes it, and a value changed from its default here that the chosen
-network, SDE, sampler or loss does not use. Keys:
+network, SDE, sampler or loss does not use. Keys (tests/test_config_checks.py keeps this list
+complete):
   seed; sde.{name, beta_min, beta_max, sigma_min, sigma_max, N, s, exact_std} (rectified_flow
   also takes sde.T);
   model.{name, ema_rate, ema_warmup, parameterization, noise_input, scale_input, scale_by_sigma,
-  num_classes, remat, <network fields>}; data.{dataset,
-  image_size, num_channels, crop_size, num_workers, centered, uniform_dequantization,
-  random_flip, data_dir, train_split, eval_split, sigma_data};
+  num_classes, label_dropout, remat, <network fields>};
+  data.{dataset, path, image_size, num_channels, crop_size, num_workers, centered,
+  uniform_dequantization, random_flip, data_dir, train_split, eval_split, sigma_data};
   training.{batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps, unroll,
   compute_dtype, loss, continuous, reduce_mean, likelihood_weighting, eps, t_sampling,
   logit_mean, logit_std, p_mean, p_std, snapshot_sampling, keep_checkpoints};
   optim.{lr, warmup, grad_clip, beta1, beta2, eps, weight_decay};
   sampling.{method, steps, predictor, corrector, snr, n_steps_each, corrector_norm,
   noise_removal, denoiser, eps, order, eta, rho, s_churn, rtol, atol, ode_solver, batch_size,
-  num_samples};
+  num_samples, labels, guidance, guidance_weight, classifier_workdir, task, task_input, mask,
+  sr_factor};
   eval.{batch_size, num_batches, enable_bpd, bpd_num_batches, bpd_num_repeats, bpd_divergence,
   likelihood_eps, likelihood_rtol, likelihood_atol, enable_fid, fid_num_samples, fid_batch_size,
   fid_ref_split, fid_ref_max_examples, fid_stats_dir, inception_weights, kid_subsets,
@@ -89,9 +91,12 @@ def get_default_config() -> ml_collections.ConfigDict:
                                         # GPU / TPU), "auto" (unroll on CPU, else scan)
     training.compute_dtype = "float32"  # "bfloat16": mixed precision (params, optimizer, EMA
                                         # stay float32; sampling / likelihood use float32)
-    training.loss = "dsm"               # "dsm" (score_sde) | "flow_matching" (velocity
-                                        # regression) | "edm" (EDM's loss); diffusion/losses.py
-    training.continuous = True          # DSM in continuous time; False: DDPM (VP) / SMLD (VE)
+    training.loss = "dsm"               # "dsm": denoising score matching (score_sde), in
+                                        # continuous time, or with training.continuous=False
+                                        # the discrete DDPM (VP, cosine) / SMLD (VE) losses |
+                                        # "flow_matching" (velocity regression) | "edm" (EDM's
+                                        # loss); diffusion/losses.py
+    training.continuous = True          # False: DDPM / SMLD's discrete levels (see loss)
     training.reduce_mean = False        # mean over dimensions (else 1/2 sum, score_sde)
     training.likelihood_weighting = False   # dsm: weight g(t)^2 (Song et al. 2021b)
     training.eps = 1e-5                 # t ~ U(eps, T)
@@ -139,7 +144,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     sampling.eps = 1e-3
     sampling.batch_size = 64
     sampling.num_samples = 64
-    # Controllable generation (diffusion/guidance.py; README "Controllable generation").
+    # Controllable generation (diffusion/guidance.py; docs/controllable.md).
     sampling.labels = ""                # conditional / guided: "3,3,7" (cycled), "all" (0..K-1
                                         # cycled), "" (uniformly random)
     sampling.guidance = "none"          # "cfg" (classifier-free) | "classifier" | "none"
@@ -170,7 +175,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     evaluation.fid_ref_split = "train"    # reference statistics: this split ("train" | "eval")
     evaluation.fid_ref_max_examples = 0   # 0: the whole split
     evaluation.fid_stats_dir = ""         # cache of reference statistics; "": <workdir>/fid_stats
-    evaluation.inception_weights = ""     # converted .npz; "": ~/.cache/diffusion/ (see README)
+    evaluation.inception_weights = ""     # converted .npz; "": ~/.cache/diffusion/ (converted
+                                          # on first use; docs/likelihood_and_fid.md)
     evaluation.kid_subsets = 100
     evaluation.kid_subset_size = 1000
     evaluation.is_splits = 10

@@ -31,8 +31,8 @@ from diffusion.parallel import (
     DATA_AXIS,
     batch_sharding,
     data_mesh,
+    global_batch,
     map_over_batch,
-    replicated_batch,
     to_host,
 )
 from diffusion.progress import progress
@@ -48,13 +48,13 @@ def eval_loss(exp: Experiment, params, num_batches: int, key: jax.Array) -> floa
     does not depend on the devices."""
     mesh = data_mesh()
     cache_key = ("eval_loss", mesh)
-    if cache_key not in exp.compiled:
+    if cache_key not in exp.cache:
         def device_losses(params, key, batch):
             batch = dict(batch)
             return exp.loss_fn(params, batch, rng.indexed(key, batch.pop("index")))
 
-        exp.compiled[cache_key] = map_over_batch(device_losses, mesh, out_specs=P(DATA_AXIS))
-    losses = exp.compiled[cache_key]
+        exp.cache[cache_key] = map_over_batch(device_losses, mesh, out_specs=P(DATA_AXIS))
+    losses = exp.cache[cache_key]
     bs = exp.eval.batch_size
     num_batches = min(num_batches, max(1, len(exp.dataset.eval) // bs))
     total = 0.0
@@ -65,7 +65,7 @@ def eval_loss(exp: Experiment, params, num_batches: int, key: jax.Array) -> floa
         keep = ("x", "label") if exp.conditional else ("x",)
         batch = {k: batch[k] for k in keep} | {"index": np.arange(i * bs, (i + 1) * bs,
                                                                   dtype=np.int32)}
-        per_example = losses(params, key, jax.tree.map(lambda a: replicated_batch(a, mesh),
+        per_example = losses(params, key, jax.tree.map(lambda a: global_batch(a, mesh),
                                                        batch))
         total += float(np.mean(to_host(per_example)))
     return total / num_batches
@@ -81,15 +81,16 @@ def classifier_accuracy(exp: Experiment, params) -> dict:
     n, bs = len(exp.dataset.eval), exp.eval.batch_size
     data = data_lib.examples_at(exp.dataset, "eval", np.arange(n), seed=exp.seed,
                                 centered=exp.data.centered)
-    if "classifier" not in exp.compiled:
+    if "classifier" not in exp.cache:
         def predict(params, x, t, key):
             alpha, sigma = exp.sde.marginal_coeffs(t)
             z = jax.random.normal(key, x.shape, x.dtype)
             xt = batch_broadcast(alpha, x) * x + batch_broadcast(sigma, x) * z
-            return jnp.argmax(exp.net.apply({"params": params}, xt, 999.0 * t), axis=-1)
+            c_noise = parameterization.time_conditioning(t)
+            return jnp.argmax(exp.net.apply({"params": params}, xt, c_noise), axis=-1)
 
-        exp.compiled["classifier"] = jax.jit(predict)
-    predict = exp.compiled["classifier"]
+        exp.cache["classifier"] = jax.jit(predict)
+    predict = exp.cache["classifier"]
     times = CLASSIFIER_TIMES if getattr(exp.net, "noise_conditional", True) else (0.0,)
     out = {}
     for t in times:
@@ -120,7 +121,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = int(state.step)
     extractor = None
     if exp.dataset.is_image and exp.eval.enable_fid:
-        # The Inception weights load (or fail, saying how to get them) before any long work.
+        # The Inception weights load (converted on first use, or failing with what to do)
+        # before any long work.
         extractor = make_inception_extractor(exp.eval, mesh)
     t0 = time.time()
     record = {"step": step,
@@ -183,9 +185,9 @@ def eval_likelihood(exp: Experiment, params, mesh: Mesh) -> dict:
         raise ValueError(f"Unknown config.eval.bpd_divergence {e.bpd_divergence!r}: use one of "
                          f"{likelihood.DIVERGENCES}.")
     cache_key = ("log_likelihood", e, mesh)
-    if cache_key not in exp.compiled:
-        exp.compiled[cache_key] = make_log_likelihood(exp, e, mesh)
-    log_likelihood_fn = exp.compiled[cache_key]
+    if cache_key not in exp.cache:
+        exp.cache[cache_key] = make_log_likelihood(exp, e, mesh)
+    log_likelihood_fn = exp.cache[cache_key]
     bs, n = e.batch_size, len(exp.dataset.eval)
     per_pass = n if e.bpd_num_batches <= 0 else min(n, e.bpd_num_batches * bs)
     positions = np.concatenate([p * n + np.arange(per_pass) for p in range(e.bpd_num_repeats)])
@@ -202,7 +204,7 @@ def eval_likelihood(exp: Experiment, params, mesh: Mesh) -> dict:
                                  centered=exp.data.centered, uniform_dequantization=True)["x"]
         batch = {"x": x, "index": padded.astype(np.int32)}
         logp, batch_nfe = log_likelihood_fn(params, key, jax.tree.map(
-            lambda a: replicated_batch(a, mesh), batch))
+            lambda a: global_batch(a, mesh), batch))
         logps.append(to_host(logp)[:len(batch_positions)])
         nfe = max(nfe, int(np.max(to_host(batch_nfe))))
     logp = np.concatenate(logps).astype(np.float64)
@@ -254,8 +256,9 @@ def make_inception_extractor(settings: EvalSettings, mesh: Mesh) -> metrics.Ince
         sharding = batch_sharding(mesh)
     elif len(jax.local_devices()) > 1 and settings.fid_batch_size % len(jax.local_devices()) == 0:
         sharding = NamedSharding(Mesh(np.array(jax.local_devices()), (DATA_AXIS,)), P(DATA_AXIS))
-    return metrics.InceptionExtractor(settings.inception_weights or None,
-                                      settings.fid_batch_size, sharding)
+    # Absent weights are converted on first use (or fail, saying what to do).
+    weights = metrics.inception_weights.ensure_weights(settings.inception_weights or None)
+    return metrics.InceptionExtractor(weights, settings.fid_batch_size, sharding)
 
 
 def reference_statistics(exp: Experiment, workdir: str, extractor: metrics.InceptionExtractor
@@ -328,7 +331,7 @@ def eval_sample_quality(exp: Experiment, params, mesh: Mesh, workdir: str,
     out = metrics.sample_quality(gen, ref, e.kid_subsets, e.kid_subset_size, e.is_splits)
     if not extractor.has_logits:
         print("Inception Score: not available (the converted Inception weights have no "
-              "classifier layer; see README, 'Sample quality')", flush=True)
+              "classifier layer; see docs/likelihood_and_fid.md)", flush=True)
     out.update(fid_num_samples=num, fid_reference=ref_description, sampler=method,
                sampler_nfe=nfe)
     return out

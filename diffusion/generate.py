@@ -3,13 +3,13 @@
     samples, nfe = draw_samples(exp, params, mesh, num, key)   # (num, *data_shape), data space
     path = sample(config, workdir)     # --mode sample: <workdir>/samples/step_<N>.npz and .png
 
-The sampler and its arguments come from `exp.sampling` (`experiment.SamplingSettings`).
+The sampler and its arguments come from `exp.sampling` (`experiment.SamplingSettings`); a task's
+inputs from `task_inputs.py`, the pictures from `plotting.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -23,11 +23,12 @@ from jax.sharding import Mesh
 
 from diffusion import data as data_lib
 from diffusion import files, guidance, losses, plotting, rng
-from diffusion.experiment import Experiment, SamplingSettings, build
+from diffusion.experiment import Experiment, SamplingSettings, build, classifier_experiment
 from diffusion.guide_settings import GuideSettings, parse_labels
 from diffusion.models import parameterization
-from diffusion.parallel import DATA_AXIS, data_mesh, map_over_batch, replicated_batch, to_host
+from diffusion.parallel import DATA_AXIS, data_mesh, global_batch, map_over_batch, to_host
 from diffusion.sampling import get_sampler
+from diffusion.task_inputs import task_inputs
 from diffusion.train_state import restore_latest
 
 
@@ -97,20 +98,12 @@ def _task_sample(key, sde, score_fn, batch, g: GuideSettings, method: str, kwarg
                                          sampler=method, **kwargs)
 
 
-def load_classifier(workdir: str, mesh: Mesh):
-    """(network, EMA params) of the classifier experiment trained in `workdir` (its config.json
-    and latest checkpoint)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"sampling.classifier_workdir={workdir} has no config.json: train "
-                                f"a classifier there first (experiments/digits_classifier.py).")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    exp = build(config, shape_only_data=True)
-    if not exp.is_classifier:
-        raise ValueError(f"sampling.classifier_workdir={workdir} holds a {exp.description} "
-                         f"run, not a classifier (model.name='classifier').")
-    return exp.net, restore_latest(exp, workdir, mesh).ema_params
+def load_classifier(workdir: str, mesh: Mesh, classifier: Experiment | None = None):
+    """(network, EMA params) of the classifier trained in `workdir`, restored from its latest
+    checkpoint; `classifier` is its experiment (`exp.classifier`), built from its config.json
+    by `experiment.classifier_experiment` when not given."""
+    classifier = classifier or classifier_experiment(workdir)
+    return classifier.net, restore_latest(classifier, workdir, mesh).ema_params
 
 
 def sample_batches(exp: Experiment, params, mesh: Mesh, num: int, key: jax.Array,
@@ -132,14 +125,14 @@ def sample_batches(exp: Experiment, params, mesh: Mesh, num: int, key: jax.Array
     bs = s.batch_size
     classifier, classifier_params = None, None
     if s.guide.guidance == "classifier":
-        if ("classifier", s.guide.classifier_workdir) not in exp.compiled:
-            exp.compiled[("classifier", s.guide.classifier_workdir)] = load_classifier(
-                s.guide.classifier_workdir, mesh)
-        classifier, classifier_params = exp.compiled[("classifier", s.guide.classifier_workdir)]
+        if "guiding_classifier" not in exp.cache:
+            exp.cache["guiding_classifier"] = load_classifier(s.guide.classifier_workdir, mesh,
+                                                              exp.classifier)
+        classifier, classifier_params = exp.cache["guiding_classifier"]
     cache_key = ("sampler", s, mesh)
-    if cache_key not in exp.compiled:
-        exp.compiled[cache_key] = make_sampler(exp, s, bs, mesh, classifier)
-    sampler = exp.compiled[cache_key]
+    if cache_key not in exp.cache:
+        exp.cache[cache_key] = make_sampler(exp, s, bs, mesh, classifier)
+    sampler = exp.cache[cache_key]
     labels = sample_labels(exp, num, key)
     for i in range(math.ceil(num / bs)):
         rows = np.minimum(np.arange(i * bs, (i + 1) * bs), num - 1)   # the last batch padded
@@ -148,7 +141,7 @@ def sample_batches(exp: Experiment, params, mesh: Mesh, num: int, key: jax.Array
         if cond is not None:
             batch.update({name: array[rows] for name, array in cond.items()})
         x, nfe = sampler((params, classifier_params), key,
-                         jax.tree.map(lambda a: replicated_batch(a, mesh), batch))
+                         jax.tree.map(lambda a: global_batch(a, mesh), batch))
         yield to_host(x)[:num - i * bs], int(np.max(to_host(nfe)))
 
 
@@ -183,98 +176,6 @@ def draw_samples(exp: Experiment, params, mesh: Mesh, num: int, key: jax.Array,
     return out, nfe
 
 
-def save_samples_png(path: str, samples: np.ndarray, exp: Experiment, title: str,
-                     ncol: int | None = None) -> None:
-    """An image grid of image samples, or a scatter plot over eval data of 2-D samples."""
-    if exp.dataset.is_image:
-        plotting.save_image_grid(path, samples, ncol,
-                                 transform=data_lib.inverse_scaler(exp.data.centered))
-    else:
-        ref = data_lib.take(exp.dataset.eval, np.arange(min(len(exp.dataset.eval), 5000)))[0]
-        plotting.save_scatter(path, samples, ref[:, :2] if ref.shape[1] > 2 else ref, title=title)
-
-
-def task_inputs(exp: Experiment, num: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """The conditioning of `sampling.task` for `num` samples, and the originals it came from
-    (None when read from a file).
-
-    sampling.task_input "eval": the first `num` images of the eval split, measured (masked,
-    turned grey, or average-pooled by sampling.sr_factor). A .npz file (array "images", uint8 in
-    [0, 255] or float in [0, 1], (N, h, w, c)) or a .png image: the measurement itself (the
-    low-resolution images for super_resolve, grey or colour images for colorize, whole images
-    for inpaint, masked by sampling.mask), used in turn for the `num` samples.
-    """
-    g, shape = exp.sampling.guide, exp.dataset.data_shape
-    h, w, c = shape
-    scale = data_lib.data_scaler(exp.data.centered)
-    if g.task_input == "eval":
-        n = min(num, len(exp.dataset.eval))
-        originals = data_lib.examples_at(exp.dataset, "eval", np.arange(num) % n, seed=exp.seed,
-                                         centered=exp.data.centered)["x"]
-        measured = {"inpaint": lambda x: x, "colorize": lambda x: x.mean(-1, keepdims=True),
-                    "super_resolve": lambda x: np.asarray(guidance.downsample(x, g.sr_factor))}
-        cond = measured[g.task](originals)
-    else:
-        originals = None
-        cond = scale(_read_images(g.task_input))
-        expected = {"inpaint": (h, w, (c,)), "colorize": (h, w, (1, c)),
-                    "super_resolve": (h // g.sr_factor, w // g.sr_factor, (c,))}[g.task]
-        if cond.shape[1:3] != expected[:2] or cond.shape[3] not in expected[2]:
-            channels = " or ".join(map(str, expected[2]))
-            raise ValueError(f"sampling.task_input={g.task_input} holds images of shape "
-                             f"{cond.shape[1:]}; sampling.task={g.task!r} needs "
-                             f"{expected[0]}x{expected[1]} with {channels} channel(s).")
-        if g.task == "colorize":
-            cond = cond.mean(-1, keepdims=True)
-        cond = cond[np.arange(num) % len(cond)]
-    out = {"cond": np.asarray(cond, np.float32)}
-    if g.task == "inpaint":
-        out["mask"] = np.broadcast_to(inpaint_mask(g.mask, h, w, exp.key("mask")),
-                                      (num, h, w, 1)).astype(np.float32)
-    return out, originals
-
-
-def inpaint_mask(kind: str, h: int, w: int, key: jax.Array) -> np.ndarray:
-    """(h, w, 1) mask, 1 = known: `kind` names the part to fill in."""
-    mask = np.ones((h, w, 1), np.float32)
-    if kind == "right_half":
-        mask[:, w // 2:] = 0
-    elif kind == "bottom_half":
-        mask[h // 2:] = 0
-    elif kind == "center":
-        mask[h // 4:h - h // 4, w // 4:w - w // 4] = 0
-    elif kind == "random":
-        mask = np.asarray(jax.random.bernoulli(key, 0.5, (h, w, 1)), np.float32)
-    else:
-        raise ValueError(f"Unknown inpainting mask {kind!r}.")
-    return mask
-
-
-def _read_images(path: str) -> np.ndarray:
-    """Images (N, h, w, c) in [0, 1] from a .npz (array "images") or an image file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"sampling.task_input={path} does not exist (give 'eval', a .npz "
-                                f"with an array 'images', or a .png).")
-    if path.endswith(".npz"):
-        with np.load(path) as f:
-            if "images" not in f:
-                raise ValueError(f"{path} has arrays {list(f)}; sampling.task_input needs one "
-                                 f"called 'images' (N, h, w, c).")
-            images = f["images"]
-    else:
-        from PIL import Image
-
-        images = np.asarray(Image.open(path))[None]
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / 255.0
-    images = images.astype(np.float32)
-    if images.min() < 0 or images.max() > 1:
-        raise ValueError(f"{path}: float images must lie in [0, 1] (uint8 in [0, 255]).")
-    return images
-
-
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Samples `sampling.num_samples` from the latest EMA checkpoint.
 
@@ -286,8 +187,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     "inpaint_" (`GuideSettings.tag`). Existing files are replaced only once the new samples are
     complete. Returns the .npz path.
     """
-    exp = build(config, shape_only_data=config.sampling.task == "none"
-                or config.sampling.task_input != "eval")
+    exp = build(config, for_sampling=True)
     if exp.is_classifier:
         raise ValueError("This is a classifier experiment: it has nothing to sample. Use its "
                          "workdir as sampling.classifier_workdir of a score model's run.")
@@ -321,20 +221,23 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     return path
 
 
+def save_samples_png(path: str, samples: np.ndarray, exp: Experiment, title: str,
+                     ncol: int | None = None) -> None:
+    """An image grid of image samples, or a scatter plot of 2-D samples over eval data."""
+    reference = None
+    if not exp.dataset.is_image:
+        reference = data_lib.take(exp.dataset.eval, np.arange(min(len(exp.dataset.eval), 5000)))[0]
+    plotting.save_samples(path, samples, is_image=exp.dataset.is_image,
+                          transform=data_lib.inverse_scaler(exp.data.centered),
+                          reference=reference, title=title, ncol=ncol)
+
+
 def save_task_png(path: str, exp: Experiment, samples, cond, originals, columns: int = 8):
-    """Rows: the conditioning as an image (unknown pixels black / grey / upsampled), the
-    samples, and the originals when known; `columns` examples."""
+    """`columns` examples of a task: the conditioning, the samples, the originals when known
+    (`plotting.task_rows`)."""
     g = exp.sampling.guide
-    n = min(columns, len(samples))
-    c = samples.shape[-1]
-    known = cond["cond"][:n]
-    if g.task == "inpaint":
-        low = -1.0 if exp.data.centered else 0.0
-        shown = known * cond["mask"][:n] + low * (1 - cond["mask"][:n])
-    elif g.task == "colorize":
-        shown = np.broadcast_to(known, (*known.shape[:-1], c))
-    else:
-        shown = np.asarray(guidance.upsample(known, g.sr_factor))
-    rows = [shown, samples[:n]] + ([originals[:n]] if originals is not None else [])
-    images = data_lib.inverse_scaler(exp.data.centered)(np.concatenate(rows))
-    plotting.save_image_grid(path, images, ncol=n)
+    rows = plotting.task_rows(g.task, samples, cond["cond"], cond.get("mask"), originals,
+                              low=-1.0 if exp.data.centered else 0.0, sr_factor=g.sr_factor,
+                              columns=columns)
+    plotting.save_image_grid(path, data_lib.inverse_scaler(exp.data.centered)(rows),
+                             ncol=min(columns, len(samples)))

@@ -56,7 +56,9 @@ import jax
 import jax.numpy as jnp
 
 from diffusion import rng, sampling
-from diffusion.sde import SDE, ScoreFn, batch_broadcast
+from diffusion.models.layers import naive_downsample
+from diffusion.models.layers import naive_upsample as upsample
+from diffusion.sde import SDE, ScoreFn, batch_broadcast, data_prediction
 
 Array = jax.Array
 CondScoreFn = Callable[[Array, Array, Array], Array]
@@ -134,16 +136,12 @@ def block_mean(x: Array, factor: int) -> Array:
 
 def downsample(x: Array, factor: int) -> Array:
     """Average pooling by `factor` (the super-resolution measurement): (B, H, W, C) ->
-    (B, H / factor, W / factor, C)."""
-    b, h, w, c = x.shape
+    (B, H / factor, W / factor, C): `layers.naive_downsample`, with the sizes checked.
+    `upsample(x, factor)`, nearest-neighbour upsampling, is `layers.naive_upsample`."""
+    _, h, w, _ = x.shape
     if h % factor or w % factor:
         raise ValueError(f"Image size {h}x{w} is not divisible by the factor {factor}.")
-    return jnp.mean(x.reshape(b, h // factor, factor, w // factor, factor, c), axis=(2, 4))
-
-
-def upsample(x: Array, factor: int) -> Array:
-    """Nearest-neighbour upsampling by `factor`, (B, h, w, C) -> (B, h f, w f, C)."""
-    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+    return naive_downsample(x, factor)
 
 
 # --------------------------------------------------------------------------- samplers
@@ -161,8 +159,7 @@ def replaced_denoiser_score_fn(sde: SDE, score_fn: ScoreFn, project: Callable[[A
         s = score_fn(x, t)
         alpha, sigma = sde.marginal_coeffs(t)
         alpha, sigma = batch_broadcast(alpha, x), batch_broadcast(sigma, x)
-        d = (x + sigma**2 * s) / alpha
-        return s + alpha / sigma**2 * (known - project(d))
+        return s + alpha / sigma**2 * (known - project(data_prediction(x, s, alpha, sigma)))
 
     return score
 

@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from diffusion import rng
-from diffusion.sde import SDE, VESDE, batch_broadcast
+from diffusion.models.parameterization import time_conditioning
+from diffusion.sde import SDE, VESDE, batch_broadcast, data_prediction
 
 Array = jax.Array
 LossFn = Callable[[dict, dict, Array], Array]
@@ -94,9 +95,10 @@ def make_dsm_loss(sde: SDE, score_model: Callable, *, reduce_mean: bool = True,
 
 def velocity_from_score(sde: SDE, score: Array, x: Array, t: Array) -> Array:
     """The velocity E[alpha' x_0 + sigma' z | x_t] = alpha' D + sigma' E[z | x_t] of a score,
-    with D = (x + sigma^2 score) / alpha and E[z | x_t] = -sigma score; x (B, ...), t (B,)."""
+    with D its data prediction (`sde.data_prediction`) and E[z | x_t] = -sigma score;
+    x (B, ...), t (B,)."""
     alpha, sigma, d_alpha, d_sigma = (batch_broadcast(c, x) for c in sde.marginal_rates(t))
-    return d_alpha / alpha * (x + sigma**2 * score) - d_sigma * sigma * score
+    return d_alpha * data_prediction(x, score, alpha, sigma) - d_sigma * sigma * score
 
 
 def make_flow_matching_loss(sde: SDE, score_model: Callable, *, t_sampling: str = "uniform",
@@ -161,7 +163,7 @@ def make_edm_loss(sde: SDE, score_model: Callable, *, p_mean: float = -1.2, p_st
         score = score_model(params, xt, t, y=batch.get("label"), train=True, rng=dropout_rng)
         sigma_tilde = sigma / alpha
         weight = (sigma_tilde**2 + sigma_data**2) / (sigma_tilde * sigma_data) ** 2
-        d = (xt + sigma**2 * score) / alpha
+        d = data_prediction(xt, score, alpha, sigma)
         return _reduce(weight * (d - x0) ** 2, reduce_mean)
 
     return loss_fn
@@ -249,9 +251,10 @@ def with_label_dropout(loss_fn: LossFn, p: float, null_label: int) -> LossFn:
 
 def make_classifier_loss(sde: SDE, net, *, eps: float = 1e-5) -> LossFn:
     """Cross-entropy of a noise-conditional classifier on perturbed data (Song et al. 2021,
-    app. I.1): x_t = alpha(t) x_0 + sigma(t) z with t ~ U(eps, T), the network told 999 t (as
-    the continuous score networks). A network with noise_conditional=False is trained on clean
-    data (t = 0). Per-example losses (B,); batch["label"] holds the classes."""
+    app. I.1): x_t = alpha(t) x_0 + sigma(t) z with t ~ U(eps, T), the network told 999 t
+    (`parameterization.time_conditioning`, as the continuous score networks). A network with
+    noise_conditional=False is trained on clean data (t = 0). Per-example losses (B,);
+    batch["label"] holds the classes."""
     noisy = getattr(net, "noise_conditional", True)
 
     def loss_fn(params, batch, key):
@@ -260,7 +263,7 @@ def make_classifier_loss(sde: SDE, net, *, eps: float = 1e-5) -> LossFn:
         t = eps + u * (sde.T - eps) if noisy else jnp.zeros_like(u)
         alpha, sigma = sde.marginal_coeffs(t)
         xt = batch_broadcast(alpha, x0) * x0 + batch_broadcast(sigma, x0) * z
-        logits = net.apply({"params": params}, xt, 999.0 * t, train=True,
+        logits = net.apply({"params": params}, xt, time_conditioning(t), train=True,
                            rngs={"dropout": dropout_rng})
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
@@ -272,7 +275,8 @@ def classifier_log_prob_fn(net, params) -> Callable[[Array, Array], Array]:
     """log p_t(y | x) of a classifier trained by `make_classifier_loss`: (x, t) -> (B, K)."""
 
     def log_prob(x, t):
-        return jax.nn.log_softmax(net.apply({"params": params}, x, 999.0 * t, train=False), -1)
+        c_noise = time_conditioning(t)
+        return jax.nn.log_softmax(net.apply({"params": params}, x, c_noise, train=False), -1)
 
     return log_prob
 

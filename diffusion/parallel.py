@@ -6,7 +6,7 @@ processes, with the batch dimension split along its axis `DATA_AXIS`:
     mesh = data_mesh()
     step = jax.jit(shard_over_batch(per_device_fn, mesh, ...))
     batch = put_batch({"x": local_x}, mesh)      # process-local rows -> one global array
-    x = replicated_batch(x_np, mesh)             # the same rows on every process -> global
+    x = global_batch(x_np, mesh)             # the same rows on every process -> global
     x_np = to_host(x)                            # a global array, whole, on every process
 
 With several processes (multi-host), every process runs every collective program with the same
@@ -61,9 +61,10 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def replicated_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
-    """A host array that every process holds in full -> a global array split over the mesh on
-    its first dimension (each process places only its own devices' rows)."""
+def global_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array that every process holds in full (the same rows everywhere) -> a global
+    array split over the mesh on its first dimension (each process places only its own devices'
+    rows). `put_batch` is for arrays each process holds only its part of."""
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, batch_sharding(mesh), lambda index: x[index])
 

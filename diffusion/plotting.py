@@ -75,3 +75,36 @@ def save_scatter(path: str, samples: np.ndarray, reference: np.ndarray | None = 
     finally:
         plt.close(fig)
 
+
+
+def save_samples(path: str, samples: np.ndarray, *, is_image: bool,
+                 transform: Callable | None = None, reference: np.ndarray | None = None,
+                 title: str = "", ncol: int | None = None) -> None:
+    """Samples as a picture: an image grid of images (N, H, W, C) mapped into [0, 1] by
+    `transform` (`ncol` columns, e.g. one per class), or a scatter plot of points (N, D) over
+    `reference` points (their first two coordinates)."""
+    if is_image:
+        save_image_grid(path, samples, ncol, transform=transform)
+    else:
+        ref = None if reference is None else reference[:, :2]
+        save_scatter(path, samples, ref, title=title)
+
+
+def task_rows(task: str, samples: np.ndarray, cond: np.ndarray, mask: np.ndarray | None,
+              originals: np.ndarray | None, *, low: float, sr_factor: int,
+              columns: int = 8) -> np.ndarray:
+    """The rows of a task's picture, `columns` examples each, stacked (rows * columns, H, W, C):
+    the conditioning as an image (unknown pixels at `low`, grey images in every channel,
+    low-resolution ones upsampled by `sr_factor`), the samples, and the originals when known."""
+    n = min(columns, len(samples))
+    known = cond[:n]
+    if task == "inpaint":
+        shown = known * mask[:n] + low * (1 - mask[:n])
+    elif task == "colorize":
+        shown = np.broadcast_to(known, (*known.shape[:-1], samples.shape[-1]))
+    else:
+        from diffusion.guidance import upsample
+
+        shown = np.asarray(upsample(known, sr_factor))
+    rows = [shown, samples[:n]] + ([originals[:n]] if originals is not None else [])
+    return np.concatenate(rows)

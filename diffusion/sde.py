@@ -31,6 +31,7 @@ from diffusion.sde_base import (  # noqa: F401
     ScoreWithVelocity,
     _sum_except_batch,
     batch_broadcast,
+    data_prediction,
     denoised,
 )
 
@@ -382,7 +383,7 @@ def get_sde(name: str, **kwargs) -> SDE:
 
     Keyword arguments that belong to another SDE class (a config's `sde` block holds beta_* and
     sigma_* keys for all of them) are ignored; one that no SDE takes is a ValueError.
-    (`experiment.check_config` also refuses a value changed for a key the chosen SDE ignores.)
+    (`config_checks.check_config` also refuses a value changed for a key the chosen SDE ignores.)
     """
     if name not in SDES:
         raise ValueError(f"Unknown SDE {name!r}: config.sde.name must be one of {sorted(SDES)}.")

@@ -3,8 +3,10 @@
 `SDE` is the interface the samplers, losses and the likelihood use (Song et al. 2021, eqs. 5-6 and
 13): a forward SDE dx = f(x, t) dt + g(t) dw on [0, T] with Gaussian transition kernels
 x_t | x_0 ~ N(alpha(t) x_0, sigma(t)^2 I). `ReverseSDE` is its reverse-time SDE or probability-flow
-ODE given a score, and `denoised` is Tweedie's estimate of x_0. Shapes: x is (B, ...), t is (B,)
-and per-example scalars are (B,). The processes themselves are in `diffusion.sde`.
+ODE given a score, and `data_prediction` (`denoised` at one time) is Tweedie's estimate of x_0,
+the one place the data prediction D = (x + sigma^2 score) / alpha is written. Shapes: x is
+(B, ...), t is (B,) and per-example scalars are (B,). The processes themselves are in
+`diffusion.sde`.
 """
 
 from __future__ import annotations
@@ -183,9 +185,20 @@ class ScoreWithVelocity:
         return self.score(x, t)
 
 
+def data_prediction(x: Array, score: Array, alpha: Array, sigma: Array) -> Array:
+    """The denoiser of a score: D = (x + sigma^2 score) / alpha, shaped like x (B, ...).
+
+    For x_t = alpha x_0 + sigma z this is Tweedie's formula: at the exact score of p_t, D is the
+    posterior mean E[x_0 | x_t]. alpha and sigma are the per-example coefficients, (B,) or
+    already broadcast against x.
+    """
+    sigma, alpha = batch_broadcast(sigma, x), batch_broadcast(alpha, x)
+    return (x + sigma**2 * score) / alpha
+
+
 def denoised(sde: SDE, score_fn: ScoreFn, x: Array, t: float) -> Array:
-    """Tweedie's estimate E[x_0 | x_t] = (x + sigma(t)^2 score(x, t)) / alpha(t) at one time t."""
+    """Tweedie's estimate E[x_0 | x_t] (`data_prediction`) of `score_fn` at one time t."""
     t_batch = jnp.full((x.shape[0],), t, x.dtype)
     alpha, sigma = sde.marginal_coeffs(t_batch)
     score = score_fn(x, after(x, t_batch))   # evaluated once x is known (`workarounds`)
-    return (x + batch_broadcast(sigma, x) ** 2 * score) / batch_broadcast(alpha, x)
+    return data_prediction(x, score, alpha, sigma)

@@ -29,8 +29,8 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from diffusion import data as data_lib
 from diffusion import checkpointing, losses
+from diffusion import data as data_lib
 from diffusion.evaluate import eval_loss
 from diffusion.evaluate import evaluate as evaluate
 from diffusion.experiment import Experiment as Experiment

@@ -69,16 +69,16 @@ def _create(exp) -> functools.partial:
 def abstract_train_state(exp, mesh: Mesh) -> TrainState:
     """The train state's shapes and (replicated) shardings, without computing it.
 
-    Traced once per experiment and mesh (kept in `exp.compiled`): the training loop asks for it
+    Traced once per experiment and mesh (kept in `exp.cache`): the training loop asks for it
     before creating the workdir (a network that cannot take the data fails there) and again to
     restore."""
     cache_key = ("abstract_train_state", mesh)
-    if cache_key not in exp.compiled:
+    if cache_key not in exp.cache:
         shapes = jax.eval_shape(_create(exp), jax.random.key(0))
         replicated = NamedSharding(mesh, P())
-        exp.compiled[cache_key] = jax.tree.map(
+        exp.cache[cache_key] = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
-    return exp.compiled[cache_key]
+    return exp.cache[cache_key]
 
 
 def init_train_state(exp, mesh: Mesh) -> TrainState:

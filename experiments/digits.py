@@ -17,11 +17,11 @@ sample again from the EMA checkpoint with a fast sampler, or measure bits/dim on
     python scripts/run.py --config experiments/digits.py --workdir runs/digits --mode eval
 
 `--mode eval` also reports FID / KID of 2,000 samples against the 1,497 training digits (needs
-the converted Inception weights, see README): measured FID 6.68, KID 0.87e-3 with the default
+the Inception weights, docs/likelihood_and_fid.md): measured FID 6.68, KID 0.87e-3 with the default
 sampler (1,000 steps), FID 7.26 with --config.sampling.method=dpm_solver --config.sampling.steps=20
 (7.41 after retraining with other random keys).
 
-Beyond the VP SDE with epsilon prediction (README "Rectified flow, v-prediction and EDM"; the
+Beyond the VP SDE with epsilon prediction (docs/flows_v_edm.md; the
 same network, steps and optimiser, only the process, parameterisation and loss change):
   :flow  rectified flow x_t = (1 - t) x_0 + t z with velocity prediction, trained by flow
          matching with SD3's logit-normal t (Esser et al. 2024)
@@ -68,7 +68,8 @@ def get_config(arg: str | None = None):
     config.sampling.num_samples = 64
     config.eval.batch_size = 256
     config.eval.num_batches = 1
-    config.eval.fid_num_samples = 2_000   # against the 1,497 training digits (see README)
+    config.eval.fid_num_samples = 2_000   # against the 1,497 training digits
+                                          # (docs/likelihood_and_fid.md)
 
     variants = set(arg.split(",")) if arg else set()
     unknown = variants - {"smoke", *PROCESSES}

@@ -17,8 +17,8 @@ embedding, no FIR (resample_filter [1, 1]), skip rescale, EDM's 1e-5 xavier "zer
 55,732,739 parameters, the count of EDM's own SongUNet with augment_dim=0 (55,733,891 = 55.73M
 with its augmentation input, below).
 
-Expected (EDM, Table 2 and README): FID 1.97, unconditional, 35 NFE, 50k samples against the
-training set's statistics, the minimum of three FIDs (seeds 0-49999, 50000-99999,
+Expected (EDM, Table 2; docs/flows_v_edm.md): FID 1.97, unconditional, 35 NFE, 50k samples
+against the training set's statistics, the minimum of three FIDs (seeds 0-49999, 50000-99999,
 100000-149999); users rerunning the official code get 2.04-2.08 (NVlabs/edm issue #16). Without
 the augmentation (below) this is EDM's config E, FID 2.05: expect about 2.05, within that
 spread. Not measured with this codebase yet (EDM: about 2 days on 8 V100s).
@@ -26,11 +26,11 @@ spread. Not measured with this codebase yet (EDM: about 2 days on 8 V100s).
     python scripts/run.py --config experiments/edm_cifar.py --workdir runs/edm_cifar
     python scripts/run.py --config experiments/edm_cifar.py --workdir runs/edm_cifar --mode eval
 
-`--mode eval` gives FID / KID of 50k samples of this sampler (needs the converted Inception
-weights, see README). Needs tfds `cifar10` prepared, from CIFAR-10's own archive and without
-TensorFlow (`python scripts/prepare_data.py cifar10 --archive cifar-10-python.tar.gz --data_dir
-DIR`, then `--config.data.data_dir=DIR`). Smoke variant (tiny, a few steps on a CPU; the tests
-run it on `tfds.testing.mock_data`): --config experiments/edm_cifar.py:smoke
+`--mode eval` gives FID / KID of 50k samples of this sampler (Inception weights:
+docs/likelihood_and_fid.md). Needs tfds `cifar10` prepared, from CIFAR-10's own archive and
+without TensorFlow (`python scripts/prepare_data.py cifar10 --archive cifar-10-python.tar.gz
+--data_dir DIR`, then `--config.data.data_dir=DIR`). Smoke variant (tiny, a few steps on a
+CPU; the tests run it on `tfds.testing.mock_data`): --config experiments/edm_cifar.py:smoke
 Useful overrides: --config.training.n_jitted_steps=5 (390,625 = 5^8: 5 or 25),
 --config.model.remat=True, --config.training.compute_dtype=bfloat16 (EDM trains in float32).
 

@@ -15,9 +15,9 @@ number to match; nothing has been measured with this codebase yet.
 Needs tfds `celeb_a` prepared, from CelebA's own files and without TensorFlow:
 `python scripts/prepare_data.py celeb_a --archive img_align_celeba.zip --partition
 list_eval_partition.txt --attributes list_attr_celeba.txt --landmarks
-list_landmarks_align_celeba.txt --identity identity_CelebA.txt --data_dir DIR` (see the README),
-then `--config.data.data_dir=DIR`. Smoke variant (16x16, tiny network, the tests run it on
-`tfds.testing.mock_data`): --config experiments/vp_celeba64.py:smoke
+list_landmarks_align_celeba.txt --identity identity_CelebA.txt --data_dir DIR` (see
+docs/paper_configs.md), then `--config.data.data_dir=DIR`. Smoke variant (16x16, tiny network,
+the tests run it on `tfds.testing.mock_data`): --config experiments/vp_celeba64.py:smoke
 """
 
 from experiments import vp_cifar

@@ -35,13 +35,13 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 @pytest.fixture(scope="session")
 def inception_weights():
-    """The converted FID Inception weights at their default path, which the README's set-up
-    (`python scripts/convert_inception.py`, run by .ci/run) writes. Where they are missing the
+    """The converted FID Inception weights at their default path, which
+    `python scripts/convert_inception.py` (run by .ci/run) writes. Where they are missing the
     test is skipped, naming that command; under CI (env CI set) it fails instead, so CI cannot
     skip these tests silently."""
-    from diffusion.metrics import inception
+    from diffusion.metrics.inception_weights import default_weights_path
 
-    path = inception.default_weights_path()
+    path = default_weights_path()
     if not os.path.exists(path):
         message = (f"no converted Inception weights at {path}; run "
                    f"`python scripts/convert_inception.py` once")

@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from diffusion import data as data_lib
 from diffusion import checkpointing, train
+from diffusion import data as data_lib
 from experiments import digits, toy_2d, vp_cifar
 
 

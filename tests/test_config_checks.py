@@ -1,12 +1,14 @@
 """Strict configs: every key a config sets is used, or the config is refused with a message that
-names the key and lists the valid ones (diffusion.experiment.check_config, models.get_model,
+names the key and lists the valid ones (diffusion.config_checks.check_config, models.get_model,
 sde.get_sde). No compilation: these only build configs."""
 
+import ast
+import pathlib
 import re
 
 import pytest
 
-from diffusion import experiment, models
+from diffusion import config_checks, defaults, experiment, models
 from diffusion import sde as sde_lib
 from experiments import digits, toy_2d, vp_cifar
 
@@ -72,7 +74,7 @@ def test_every_problem_is_listed_in_one_message():
     for key, value in [("model.nf", 16), ("sde.sigma_max", 3.0), ("training.n_jitted_steps", 3)]:
         _set(config, key, value)
     with pytest.raises(ValueError) as info:
-        experiment.check_config(config)
+        config_checks.check_config(config)
     text = str(info.value)
     assert text.startswith("Invalid config:")
     for needle in ("model.nf", "sde.sigma_max", "training.log_freq=2 must be a multiple of "
@@ -85,7 +87,7 @@ def test_unknown_section_is_refused():
     with config.unlocked():
         config.sampler = {"method": "ddim"}
     with pytest.raises(ValueError, match=r"unknown config section 'sampler': the sections are"):
-        experiment.check_config(config)
+        config_checks.check_config(config)
 
 
 def test_a_sampler_setting_the_chosen_sampler_ignores_is_a_note_not_an_error():
@@ -94,11 +96,11 @@ def test_a_sampler_setting_the_chosen_sampler_ignores_is_a_note_not_an_error():
     config = vp_cifar.get_config("smoke")
     config.sampling.corrector = "langevin"
     config.sampling.method = "dpm_solver"
-    notes = experiment.check_config(config)
+    notes = config_checks.check_config(config)
     assert notes == ["sampling.corrector='langevin' is set but not used by sampler 'dpm_solver', "
                      "which reads ['order', 'steps'] and the shared keys"]
     config.sampling.method = "pc"
-    assert experiment.check_config(config) == []
+    assert config_checks.check_config(config) == []
 
 
 @pytest.mark.parametrize("variant, sde, parameterization, loss", [
@@ -142,7 +144,7 @@ def test_every_experiment_config_passes_the_checks():
     for name in sorted(set(names) - {"__init__", "default"}):
         module = importlib.import_module(f"experiments.{name}")
         for variant in (None, "smoke"):
-            assert experiment.check_config(module.get_config(variant)) == [], (name, variant)
+            assert config_checks.check_config(module.get_config(variant)) == [], (name, variant)
             models.get_model(module.get_config(variant))
             checked += 1
     assert checked >= 16
@@ -159,3 +161,49 @@ def test_get_model_and_get_sde_refuse_keys_nobody_takes():
         sde_lib.get_sde("vesde", sigma_maks=3.0)
     # A key that belongs to another SDE is ignored (the config's sde block serves them all).
     assert sde_lib.get_sde("vpsde", sigma_max=3.0, beta_max=10.0) == sde_lib.VPSDE(beta_max=10.0)
+
+
+def test_the_defaults_docstring_lists_every_key():
+    """defaults.py's docstring is the index of the keys: a key added without it is caught."""
+    doc = " ".join(defaults.__doc__.split())
+    base = defaults.get_default_config()
+    for section, block in base.items():
+        if not hasattr(block, "keys"):
+            assert re.search(rf"\b{section}\b", doc), section
+            continue
+        listed = re.search(rf"\b{section}\.\{{([^}}]*)\}}", doc)
+        assert listed, f"defaults.py's docstring has no {section}.{{...}} list"
+        names = {k.strip() for k in listed.group(1).split(",")}
+        missing = sorted(set(block) - names)
+        assert not missing, f"defaults.py's docstring omits {section}.{missing}"
+
+
+# The modules that read a ConfigDict: the reader, its checks, the defaults. Everything else takes
+# plain arguments (the entry points train_and_evaluate / evaluate / sample pass the config to
+# experiment.build untouched).
+CONFIG_READERS = {"experiment.py", "config_checks.py", "defaults.py"}
+
+
+def _config_reads(path: pathlib.Path) -> list[str]:
+    """`config.<key>` / `config[...]` reads in a module (any name bound to a ConfigDict is
+    called config, cfg or c here; strings and comments are not code, so they are not counted)."""
+    tree = ast.parse(path.read_text())
+    reads = []
+    for node in ast.walk(tree):
+        target = node.value if isinstance(node, ast.Attribute | ast.Subscript) else None
+        if isinstance(target, ast.Name) and target.id in ("config", "cfg"):
+            reads.append(f"{path.name}:{node.lineno}")
+    return reads
+
+
+def test_only_the_experiment_reads_the_config():
+    library = pathlib.Path(experiment.__file__).parent
+    reads = [r for path in sorted(library.rglob("*.py")) if path.name not in CONFIG_READERS
+             or path.parent != library for r in _config_reads(path)]
+    assert not reads, (f"these lines read a config below experiment.build: {reads}. Unpack the "
+                       f"keys in diffusion/experiment.py and pass plain arguments down.")
+
+
+def test_the_config_read_check_finds_a_read(tmp_path):
+    (tmp_path / "m.py").write_text("def f(config):\n    return config.model.name  # config.x\n")
+    assert _config_reads(tmp_path / "m.py") == ["m.py:2"]

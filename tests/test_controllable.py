@@ -11,7 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import experiment, generate, guide_settings, losses, train
+from diffusion import (
+    config_checks,
+    guide_settings,
+    losses,
+    task_inputs,
+    train,
+)
 from diffusion import sde as sde_lib
 from diffusion.gaussian_mixture import GaussianMixture
 from experiments import digits, digits_classifier, digits_cond
@@ -46,10 +52,10 @@ def test_label_dropout_needs_classes_and_a_rate_below_one():
     config.model.label_dropout = 0.1
     with pytest.raises(ValueError, match=r"model\.label_dropout > 0 drops labels of a "
                                          r"class-conditional model: set model\.num_classes"):
-        experiment.check_config(config)
+        config_checks.check_config(config)
     config.model.num_classes, config.model.label_dropout = 10, 1.0
     with pytest.raises(ValueError, match=r"model\.label_dropout must be in \[0, 1\), got 1\.0"):
-        experiment.check_config(config)
+        config_checks.check_config(config)
 
 
 # --------------------------------------------------------------------------- classifier loss
@@ -132,7 +138,7 @@ def test_guidance_settings_are_checked_before_anything_runs():
     config.sampling.task = "colorize"
     config.sampling.labels = "3,x"
     with pytest.raises(ValueError) as info:
-        experiment.check_config(config)
+        config_checks.check_config(config)
     message = str(info.value)
     assert "sampling.guidance='cfg' needs a class-conditional model" in message
     assert "sampling.task='colorize' needs colour images (data.num_channels=3)" in message
@@ -141,17 +147,17 @@ def test_guidance_settings_are_checked_before_anything_runs():
     config.sampling.labels, config.sampling.sr_factor = "3,12", 3
     config.sampling.task = "super_resolve"
     with pytest.raises(ValueError) as info:
-        experiment.check_config(config)
+        config_checks.check_config(config)
     assert "sampling.labels has [12], outside the classes 0..9" in str(info.value)
     assert "sampling.sr_factor=3 must be >= 2 and divide data.image_size=8" in str(info.value)
     config = digits.get_config("smoke")
     config.sampling.guidance = "classifier"
     with pytest.raises(ValueError, match="needs sampling.classifier_workdir"):
-        experiment.check_config(config)
+        config_checks.check_config(config)
     # An unconditional model guided by a classifier: labels "all" are the data's classes (the
     # check once listed range(10**9) for a model without num_classes, and ran out of memory).
     config.sampling.update(classifier_workdir="runs/clf", labels="all")
-    assert experiment.check_config(config) == []
+    assert config_checks.check_config(config) == []
 
 
 def test_labels_tags_and_masks():
@@ -164,11 +170,11 @@ def test_labels_tags_and_masks():
     assert sr.tag == "super_resolve_x4_"
     assert guide_settings.GuideSettings().tag == ""
     key = jax.random.key(0)
-    right = generate.inpaint_mask("right_half", 4, 6, key)[..., 0]
+    right = task_inputs.inpaint_mask("right_half", 4, 6, key)[..., 0]
     np.testing.assert_array_equal(right, np.repeat([[1, 1, 1, 0, 0, 0]], 4, 0))
-    center = generate.inpaint_mask("center", 8, 8, key)[..., 0]
+    center = task_inputs.inpaint_mask("center", 8, 8, key)[..., 0]
     assert center[2:6, 2:6].sum() == 0 and center.sum() == 64 - 16
-    assert generate.inpaint_mask("bottom_half", 4, 4, key)[2:].sum() == 0
+    assert task_inputs.inpaint_mask("bottom_half", 4, 4, key)[2:].sum() == 0
 
 
 # --------------------------------------------------------------------------- end to end
@@ -243,30 +249,30 @@ def test_task_inputs_from_the_eval_split_an_npz_or_a_png(tmp_path):
     config = digits.get_config("smoke")
     config.sampling.update(task="super_resolve", sr_factor=2)
     exp = train.build(config)
-    cond, originals = generate.task_inputs(exp, 5)
+    cond, originals = task_inputs.task_inputs(exp, 5)
     np.testing.assert_allclose(cond["cond"], originals.reshape(5, 4, 2, 4, 2, 1).mean((2, 4)),
                                atol=1e-6)
 
     low = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 1), dtype=np.uint8)
     np.savez(tmp_path / "low.npz", images=low)
     config.sampling.task_input = str(tmp_path / "low.npz")
-    cond, originals = generate.task_inputs(train.build(config), 5)
+    cond, originals = task_inputs.task_inputs(train.build(config), 5)
     assert originals is None
     np.testing.assert_allclose(cond["cond"], (low[[0, 1, 2, 0, 1]] / 255.0) * 2 - 1, atol=1e-6)
 
     Image.fromarray(low[1, ..., 0]).save(tmp_path / "one.png")
     config.sampling.task_input = str(tmp_path / "one.png")
-    cond, _ = generate.task_inputs(train.build(config), 2)
+    cond, _ = task_inputs.task_inputs(train.build(config), 2)
     np.testing.assert_allclose(cond["cond"], np.stack([low[1], low[1]]) / 255.0 * 2 - 1,
                                atol=1e-6)
 
     config.sampling.update(task="inpaint", mask="center")
     with pytest.raises(ValueError, match=r"holds images of shape \(4, 4, 1\); "
                                          r"sampling.task='inpaint' needs 8x8 with 1 channel"):
-        generate.task_inputs(train.build(config), 2)
+        task_inputs.task_inputs(train.build(config), 2)
     config.sampling.task_input = str(tmp_path / "missing.npz")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        generate.task_inputs(train.build(config), 2)
+        task_inputs.task_inputs(train.build(config), 2)
 
 
 @pytest.mark.slow

@@ -1,12 +1,8 @@
-"""FID, KID, Inception Score, streaming feature statistics and the Inception input pipeline and
-weight conversion, against closed forms (the Inception network itself is not run here; see
-test_inception.py).
+"""FID, KID, Inception Score and streaming feature statistics, against closed forms (the
+Inception network, its input pipeline and its weights are tested in test_inception.py).
 """
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
@@ -284,141 +280,6 @@ def test_to_pixels_rounds_and_clips():
                                   [0, 0, 0, 1, 255, 255])
 
 
-# --------------------------------------------------------------------------- TF1 bilinear resize
-
-
-@pytest.mark.parametrize("n_in,n_out", [(8, 299), (32, 299), (299, 299), (512, 299), (300, 299)])
-def test_tf1_resize_matrix_rows_are_convex_weights(n_in, n_out):
-    m = inception._tf1_resize_matrix(n_in, n_out)
-    assert m.shape == (n_out, n_in)
-    assert np.all(m >= 0)
-    np.testing.assert_allclose(m.sum(1), 1.0, rtol=1e-6)
-    assert np.all(np.count_nonzero(m, axis=1) <= 2)
-    if n_in == n_out:
-        np.testing.assert_array_equal(m, np.eye(n_in))
-
-
-def test_tf1_resize_matrix_hand_example():
-    """2 -> 4: sources s = 0, 0.5, 1, 1.5; the last clamps to the border."""
-    expected = [[1, 0], [0.5, 0.5], [0, 1], [0, 1]]
-    np.testing.assert_array_equal(inception._tf1_resize_matrix(2, 4), expected)
-    # 4 -> 2 samples s = 0, 2 (no averaging, no half-pixel offset).
-    np.testing.assert_array_equal(inception._tf1_resize_matrix(4, 2), [[1, 0, 0, 0],
-                                                                       [0, 0, 1, 0]])
-
-
-def test_tf1_resize_bilinear_constant_identity_and_ramps():
-    const = jnp.full((2, 8, 12, 3), 37.0)
-    np.testing.assert_allclose(inception.tf1_resize_bilinear(const), 37.0, rtol=1e-6)
-    same = jax.random.uniform(jax.random.key(0), (1, 299, 299, 3))
-    np.testing.assert_array_equal(inception.tf1_resize_bilinear(same), same)
-    # value(row, col) = 10 row + col on a 5 x 8 image: bilinear reproduces the linear ramp at
-    # s = o * n_in / 299, clamped at the last pixel.
-    rows, cols = np.arange(5.0), np.arange(8.0)
-    image = (10 * rows[:, None] + cols[None, :])[None, :, :, None]
-    out = np.asarray(inception.tf1_resize_bilinear(jnp.asarray(image, jnp.float32)))
-    o = np.arange(299)
-    expected = 10 * np.minimum(o * 5 / 299, 4)[:, None] + np.minimum(o * 8 / 299, 7)[None, :]
-    assert out.shape == (1, 299, 299, 1)
-    np.testing.assert_allclose(out[0, :, :, 0], expected, rtol=1e-6, atol=1e-5)
-
-
-# --------------------------------------------------------------------------- preprocess
-
-
-def test_preprocess_grayscale_range_and_bad_shape():
-    gray = jax.random.randint(jax.random.key(1), (2, 16, 16, 1), 0, 256).astype(jnp.float32)
-    out = inception.preprocess(gray)
-    assert out.shape == (2, 299, 299, 3)
-    np.testing.assert_array_equal(out, inception.preprocess(jnp.repeat(gray, 3, axis=-1)))
-    extremes = jnp.concatenate([jnp.zeros((1, 8, 8, 3)), jnp.full((1, 8, 8, 3), 255.0)])
-    out = np.asarray(inception.preprocess(extremes))
-    np.testing.assert_allclose(out[0], -1.0, atol=1e-6)
-    np.testing.assert_allclose(out[1], 127.0 / 128.0, atol=1e-6)
-    with pytest.raises(ValueError):
-        inception.preprocess(jnp.zeros((2, 16, 16, 2)))
-    with pytest.raises(ValueError):
-        inception.preprocess(jnp.zeros((16, 16, 3)))
-
-
-# --------------------------------------------------------------------------- weight conversion
-
-LAYER = "mixed.tower.conv_1"                                       # a 5 x 5 conv, 48 -> 64
-
-
-@functools.lru_cache(maxsize=1)
-def _param_shapes():
-    """{"mixed.tower.conv": (kh, kw, I, O), ...} of the Flax network, traced, not run."""
-    tree = jax.eval_shape(inception.InceptionV3().init, jax.random.key(0),
-                          jnp.zeros((1, 299, 299, 3)))["params"]
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(k.key for k in path[:-1]): leaf.shape
-            for path, leaf in flat if path[-1].key == "kernel"}
-
-
-def _fake_state_dict(rng):
-    """A torch-layout state dict of the right shapes: zeros except the layer LAYER."""
-    state = {}
-    for module, (kh, kw, i, o) in _param_shapes().items():
-        prefix = f"net.layers.{module}."
-        state[prefix + "weight"] = np.zeros((o, i, kh, kw), np.float32)
-        state[prefix + "beta"] = np.zeros(o, np.float32)
-        state[prefix + "mean"] = np.zeros(o, np.float32)
-        state[prefix + "var"] = np.ones(o, np.float32)
-        if module == LAYER:
-            state[prefix + "weight"] = rng.normal(size=(o, i, kh, kw)).astype(np.float32)
-            state[prefix + "beta"] = rng.normal(size=o).astype(np.float32)
-            state[prefix + "mean"] = rng.normal(size=o).astype(np.float32)
-            state[prefix + "var"] = rng.uniform(0.01, 2.0, o).astype(np.float32)
-    return state
-
-
-def test_params_from_state_dict_folds_batch_norm_and_transposes():
-    rng = np.random.default_rng(9)
-    state = _fake_state_dict(rng)
-    assert len(state) == 4 * 94
-    assert _param_shapes()[LAYER] == (5, 5, 48, 64)
-    w_out = rng.normal(size=(inception.NUM_LOGITS, inception.FEATURE_DIM)).astype(np.float32)
-    state["output.weight"] = w_out
-    state["output.bias"] = np.ones(inception.NUM_LOGITS, np.float32)
-    params = inception.params_from_state_dict(state)
-
-    p = f"net.layers.{LAYER}."
-    w, m, v, b = (state[p + k].astype(np.float64) for k in ("weight", "mean", "var", "beta"))
-    scale = 1.0 / np.sqrt(v + 1e-3)
-    node = params["net"]["mixed"]["tower"]["conv_1"]
-    assert node["kernel"].shape == (5, 5, 48, 64)
-    np.testing.assert_allclose(node["kernel"], np.transpose(w, (2, 3, 1, 0)) * scale, rtol=1e-6)
-    np.testing.assert_allclose(node["bias"], b - m * scale, rtol=1e-6, atol=1e-6)
-    other = params["net"]["mixed_10"]["tower_1_conv_1"]
-    np.testing.assert_array_equal(other["bias"], 0.0)
-    assert other["kernel"].shape == (3, 3, 448, 384)
-    assert params["logits"].shape == (2048, 1008)
-    np.testing.assert_array_equal(params["logits"], w_out.T)
-    # The exports' "net." / "layers." prefixes are optional; no classifier, no logits.
-    bare = {k.removeprefix("net.layers."): val for k, val in state.items()
-            if not k.startswith("output.")}
-    params2 = inception.params_from_state_dict(bare)
-    assert "logits" not in params2
-    np.testing.assert_array_equal(params2["net"]["mixed"]["tower"]["conv_1"]["kernel"],
-                                  node["kernel"])
-
-
-def test_params_from_state_dict_missing_key_names_the_module():
-    state = _fake_state_dict(np.random.default_rng(10))
-    del state[f"net.layers.{LAYER}.var"]
-    with pytest.raises(ValueError, match=r"mixed\.tower\.conv_1 lacks \['var'\]"):
-        inception.params_from_state_dict(state)
-
-
-def test_params_from_state_dict_rejects_a_missing_layer():
-    state = _fake_state_dict(np.random.default_rng(11))
-    for k in ("weight", "beta", "mean", "var"):
-        del state[f"net.layers.mixed_10.conv.{k}"]
-    with pytest.raises(ValueError, match="do not fit"):
-        inception.params_from_state_dict(state)
-
-
 # --------------------------------------------------------------------------- strict shapes
 
 
@@ -426,19 +287,7 @@ def test_inception_score_obeys_strict_rank_promotion():
     assert fid.inception_score(np.zeros((4, 3)), num_splits=2) == pytest.approx((1.0, 0.0))
 
 
-def test_inception_network_obeys_strict_rank_promotion():
-    out = jax.eval_shape(inception.ConvBN(4).init_with_output, jax.random.key(0),
-                         jnp.zeros((1, 8, 8, 3)))[0]
-    assert out.shape == (1, 8, 8, 4)
-
-
-def test_params_from_state_dict_names_a_wrongly_shaped_layer():
-    state = _fake_state_dict(np.random.default_rng(12))
-    state["net.layers.conv.weight"] = np.zeros((32, 3, 5, 5), np.float32)   # 3 x 3 expected
-    with pytest.raises(ValueError, match="do not fit") as err:
-        inception.params_from_state_dict(state)
-    assert "188 arrays, 188 expected" in str(err.value)
-    assert "['conv']['kernel']" in str(err.value)
+# --------------------------------------------------------------------------- InceptionExtractor
 
 
 def test_extractor_stats_regroups_uneven_batches_into_full_network_batches():

@@ -91,6 +91,29 @@ def test_dsm_loss_at_exact_score_equals_analytic_minimum(name):
     assert excess_mean > 10 * excess_se, (excess_mean, excess_se)
 
 
+@pytest.mark.parametrize("name", ["vpsde", "subvpsde", "vesde", "cosine_vpsde", "rectified_flow"])
+def test_data_prediction_of_the_exact_score_is_the_posterior_mean(x64, name):
+    """Tweedie: D = (x + sigma^2 s) / alpha at the exact score of N(MU, S^2 I) data is the
+    posterior mean E[x_0 | x_t] = MU + alpha S^2 (x - alpha MU) / (alpha^2 S^2 + sigma^2); so is
+    `denoised`, and (B,) or broadcast coefficients give the same array."""
+    sde = sde_lib.get_sde(name)
+    t = jnp.linspace(0.01, 0.95, 6, dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(0), (6, D), jnp.float64) * 2.0
+    alpha, sigma = sde.marginal_coeffs(t)
+    score = exact_score_model(sde)({}, x, t)
+    d = sde_lib.data_prediction(x, score, alpha, sigma)
+    v = (alpha**2 * S**2 + sigma**2)[:, None]
+    np.testing.assert_allclose(d, MU + alpha[:, None] * S**2 * (x - alpha[:, None] * MU) / v,
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(d, sde_lib.data_prediction(x, score, alpha[:, None],
+                                                              sigma[:, None]))
+    at_half = sde_lib.denoised(sde, lambda x, t: exact_score_model(sde)({}, x, t), x, 0.5)
+    a_half, s_half = (float(c[0]) for c in sde.marginal_coeffs(jnp.array([0.5])))
+    np.testing.assert_allclose(
+        at_half, MU + a_half * S**2 * (x - a_half * MU) / (a_half**2 * S**2 + s_half**2),
+        rtol=1e-12, atol=1e-12)
+
+
 def test_dsm_likelihood_weighting_and_sum_reduction():
     sde = sde_lib.VPSDE()
     eps = 0.05  # keeps the g^2/sigma^2 weight and so the Monte Carlo variance moderate

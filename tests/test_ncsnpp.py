@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from diffusion import models
-from diffusion.models import ncsnpp
+from diffusion.models import layers, ncsnpp
 from diffusion.models.ncsnpp import NCSNpp
 from tests.helpers import random_params
 
@@ -175,6 +175,19 @@ def test_resampling_layers_keep_score_sde_parameter_names():
 
 
 # ----------------------------------------------------------------------------- FIR
+
+
+def test_naive_resampling_is_nearest_neighbour_and_block_mean():
+    """Without FIR, NCSN++ resamples with layers.naive_upsample / naive_downsample (used by
+    guidance's super-resolution too): each pixel repeated into a factor x
+    factor block, and each such block averaged; down(up(x)) = x."""
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 3)).astype(np.float32)
+    for factor in (2, 3):
+        up = layers.naive_upsample(jnp.asarray(x), factor)
+        np.testing.assert_array_equal(up, np.repeat(np.repeat(x, factor, 1), factor, 2))
+        np.testing.assert_allclose(layers.naive_downsample(up, factor), x, rtol=1e-6)
+    down = layers.naive_downsample(jnp.asarray(x), 2)
+    np.testing.assert_allclose(down, x.reshape(2, 2, 2, 3, 2, 3).mean(axis=(2, 4)), rtol=1e-6)
 
 
 def test_fir_kernel_is_normalised_outer_product():

@@ -149,6 +149,9 @@ def test_noise_conditioning(sde_name):
     x, t = _batch()
     _, sigma = sde.marginal_coeffs(t)
     expected = {"time": 999.0 * t, "log_sigma": jnp.log(sigma)}
+    # "time" is DDPM's step index: t = 0 and 1 are steps 0 and 999 (score_sde's 999 t).
+    np.testing.assert_array_equal(param_lib.time_conditioning(jnp.array([0.0, 0.5, 1.0])),
+                                  [0.0, 499.5, 999.0])
     for noise_input in param_lib.NOISE_INPUTS:
         score_model = models.make_score_model(Echo("c_noise"), sde, "score", noise_input)
         fed = score_model({}, x, t)

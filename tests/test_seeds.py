@@ -248,7 +248,7 @@ def test_likelihood_equal_for_any_eval_batch_size(toy_run):
     records = []
     for batch_size in (16, 8):   # the same 32 eval examples
         e = dataclasses.replace(exp.eval, batch_size=batch_size, bpd_num_batches=32 // batch_size)
-        records.append(evaluate.eval_likelihood(dataclasses.replace(exp, eval=e, compiled={}),
+        records.append(evaluate.eval_likelihood(dataclasses.replace(exp, eval=e, cache={}),
                                                 state.ema_params, mesh))
     assert records[0]["likelihood_examples"] == records[1]["likelihood_examples"] == 32
     for name in ("nll", "nll_std_err"):   # the random network's nll is ~2e6 nats

@@ -215,11 +215,22 @@ def test_persistent_ids_other_than_storages_are_refused():
         torchscript.load_state_dict(_Archive({}).zip(None, data_pkl=data))
 
 
-def test_a_torch_save_dict_of_tensors_is_read_as_it_is():
-    a = _Archive({"0": np.arange(4, dtype=np.float32)})
+def torch_save_bytes(tensors: dict, storages: dict) -> bytes:
+    """A `torch.save` archive of the dict {name: tensor} (`T`s into `storages`, key -> 1-D array)
+    as torch writes it: an OrderedDict filled by SETITEMS, each value a `_rebuild_parameter`.
+    Also used by test_inception.py to stand in for the downloaded network."""
+    a = _Archive(storages)
     hooks = _global("collections.OrderedDict") + b")R"
-    parameter = (_global("torch._utils._rebuild_parameter") + b"("
-                 + a._value(T("0", "FloatStorage", 0, (2, 2), (2, 1))) + b"\x89" + hooks + b"tR")
-    data = b"\x80\x02" + hooks + b"(" + a._value("p") + parameter + b"u."   # OrderedDict, SETITEMS
-    state = torchscript.load_state_dict(a.zip(None, data_pkl=data))
+    items = b"".join(a._value(name) + _global("torch._utils._rebuild_parameter") + b"("
+                     + a._value(t) + b"\x89" + hooks + b"tR" for name, t in tensors.items())
+    return a.zip(None, data_pkl=b"\x80\x02" + hooks + b"(" + items + b"u.")
+
+
+def test_a_torch_save_dict_of_tensors_is_read_as_it_is():
+    storages = {"0": np.arange(4, dtype=np.float32), "1": np.array([2, -1], np.float16)}
+    data = torch_save_bytes({"p": T("0", "FloatStorage", 0, (2, 2), (2, 1)),
+                             "q": T("1", "HalfStorage", 1, (1,), (1,))}, storages)
+    state = torchscript.load_state_dict(data)
+    assert list(state) == ["p", "q"]
     np.testing.assert_array_equal(state["p"], np.arange(4, dtype=np.float32).reshape(2, 2))
+    assert state["q"].dtype == np.float16 and state["q"].tolist() == [-1.0]

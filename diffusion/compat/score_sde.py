@@ -116,7 +116,8 @@ def convert(state_dict: dict, config, which: str = "ema") -> dict:
     Returns the parameter tree (nested dicts of float32 jax arrays). Raises ConversionError naming
     the first parameter whose name or shape differs from what the config's network expects.
     """
-    return _convert_params(score_sde_params(state_dict, which), _expected_shapes(config))
+    return _convert_params(score_sde_params(state_dict, which),
+                           _expected_shapes(_experiment(config)))
 
 
 def _convert_params(params: dict, expected) -> dict:
@@ -157,16 +158,14 @@ def write_checkpoint(state_dict: dict, config, workdir: str) -> int:
     if os.path.isdir(directory) and os.listdir(directory):
         raise FileExistsError(f"{directory} already holds checkpoints; nothing was written. Use "
                               f"a fresh --workdir.")
-    expected = _expected_shapes(config)
+    exp = _experiment(config)
+    expected = _expected_shapes(exp)
     ema = _convert_params(score_sde_params(state_dict, "ema"), expected)
     has_raw = bool((state_dict.get("optimizer") or {}).get("target"))
     raw = _convert_params(score_sde_params(state_dict, "raw"), expected) if has_raw else ema
-    o = config.optim
-    tx = train.create_optimizer(o.lr, o.warmup, o.grad_clip, o.beta1, o.beta2, o.eps,
-                                o.weight_decay)
     step = int(np.asarray(state_dict.get("step", 0)))
     state = train.TrainState(step=jnp.asarray(step, jnp.int32), params=raw, ema_params=ema,
-                             opt_state=tx.init(raw))
+                             opt_state=exp.tx.init(raw))
     manager = checkpointing.make_manager(workdir, max_to_keep=None, async_save=False)
     try:
         checkpointing.save(manager, step, state)
@@ -176,15 +175,22 @@ def write_checkpoint(state_dict: dict, config, workdir: str) -> int:
     return step
 
 
-def _expected_shapes(config) -> dict:
-    """The parameter shapes of the config's network (no computation); refuses other networks."""
-    if config.model.name not in SUPPORTED_MODELS:
+def _experiment(config):
+    """The config's experiment (`experiment.build`: checked, data not opened); refuses networks
+    other than NCSN++ / DDPM++."""
+    from diffusion import experiment
+
+    exp = experiment.build(config, shape_only_data=True)
+    if not isinstance(exp.net, models.NCSNpp):
         raise ConversionError(f"Converting score_sde checkpoints is supported for the NCSN++ / "
                               f"DDPM++ networks (config.model.name in {list(SUPPORTED_MODELS)}); "
-                              f"got {config.model.name!r}.")
-    net = models.get_model(config)
-    size, channels = config.data.image_size, config.data.num_channels
-    x = jnp.zeros((1, size, size, channels), jnp.float32)
-    y = jnp.zeros((1,), jnp.int32) if config.model.get("num_classes") is not None else None
-    return jax.eval_shape(lambda k: net.init(k, x, jnp.ones((1,)), y=y)["params"],
+                              f"got {type(exp.net).__name__}.")
+    return exp
+
+
+def _expected_shapes(exp) -> dict:
+    """The parameter shapes of the experiment's network (no computation)."""
+    x = jnp.zeros((1, *exp.dataset.data_shape), jnp.float32)
+    y = jnp.zeros((1,), jnp.int32) if exp.conditional else None
+    return jax.eval_shape(lambda k: exp.net.init(k, x, jnp.ones((1,)), y=y)["params"],
                           jax.random.key(0))

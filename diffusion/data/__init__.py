@@ -23,8 +23,8 @@ Datasets (`config.data.dataset`):
                                  labels from subfolder names, centre-cropped and resized.
   any other name                 a tfds dataset with an "image" feature ("cifar10", "mnist",
                                  "celeb_a", ...), read with `tfds.data_source` (`data/tfds.py`,
-                                 array_record format), center-cropped and resized to `data.image_size` when
-                                 that differs.
+                                 array_record format), center-cropped and resized to
+                                 `data.image_size` when that differs.
 
 tensorflow_datasets, scikit-learn and Pillow are imported only when a dataset needs them, so
 importing this module is cheap.

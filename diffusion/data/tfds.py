@@ -77,7 +77,7 @@ def open_tfds(name: str, split: str, data_dir: str | None) -> Sequence:
         if base in PREPARE_COMMANDS:   # from the original archive, without TensorFlow
             how = (f"from its original archive, without TensorFlow: `python scripts/"
                    f"prepare_data.py {base} {PREPARE_COMMANDS[base]} --data_dir {where}` (see "
-                   f"the README, \"Preparing CIFAR-10 / CelebA without TensorFlow\")")
+                   f"docs/paper_configs.md, \"Preparing CIFAR-10 / CelebA without TensorFlow\")")
         else:
             how = (f"on a machine with internet and TensorFlow (`pip install tensorflow`; "
                    f"tfds needs it to build): `tfds build {base} --data_dir {where} "

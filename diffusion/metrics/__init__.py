@@ -1,6 +1,14 @@
 """Sample-quality measures: FID / KID / Inception Score with the FID Inception network (pure JAX),
-and sliced Wasserstein / MMD for low-dimensional data."""
+and sliced Wasserstein / MMD for low-dimensional data.
 
+Modules: `fid` (the measures, streaming statistics, `InceptionExtractor`), `inception` (the
+network), `inception_weights` (converting and loading its weights; `ensure_weights` converts
+them on first use), `torchscript` (the torch-free reader of the export), `distances`.
+"""
+
+from diffusion.metrics import fid as fid
+from diffusion.metrics import inception as inception
+from diffusion.metrics import inception_weights as inception_weights
 from diffusion.metrics.distances import mmd_rbf as mmd_rbf
 from diffusion.metrics.distances import sliced_wasserstein as sliced_wasserstein
 from diffusion.metrics.fid import FeatureStats as FeatureStats

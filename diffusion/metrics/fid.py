@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion import files
-from diffusion.metrics import inception
+from diffusion.metrics import inception, inception_weights
 from diffusion.parallel import to_host
 
 Array = jax.Array
@@ -212,8 +212,9 @@ class InceptionExtractor:
     """
 
     def __init__(self, weights_path: str | None = None, batch_size: int = 200, sharding=None):
-        self.weights_path = os.path.expanduser(weights_path or inception.default_weights_path())
-        self.params = inception.load_params(self.weights_path)
+        self.weights_path = os.path.expanduser(weights_path
+                                               or inception_weights.default_weights_path())
+        self.params = inception_weights.load_params(self.weights_path)
         self.batch_size = batch_size
         self.sharding = sharding
         self.has_logits = "logits" in self.params
@@ -257,14 +258,14 @@ class InceptionExtractor:
 
 @functools.lru_cache(maxsize=2)
 def _cached_params(path: str) -> dict:
-    return inception.load_params(path)
+    return inception_weights.load_params(path)
 
 
 def inception_features(images, params: dict | None = None) -> tuple[Array, Array | None]:
     """pool_3 features (N, 2048) and logits (N, 1008; None if the weights lack the classifier)
     of images (N, H, W, 3) in [0, 255]. params None: the default converted weights."""
     if params is None:
-        params = _cached_params(inception.default_weights_path())
+        params = _cached_params(inception_weights.default_weights_path())
     return inception.features(params, jnp.asarray(images, jnp.float32))
 
 

@@ -1,5 +1,6 @@
 """Flax (linen) score networks and the wrappers that turn them into a score function.
 
+    net = build_network("unet", {"ch": 32})                   # a network by name and fields
     net = get_model(config)                                  # chosen by config.model.name
     variables = net.init(key, x, t, train=False)             # x (B, H, W, C) or (B, D), t (B,)
     out = net.apply(variables, x, t, train=True, rngs={"dropout": key})   # shaped like x
@@ -11,10 +12,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
-
-from diffusion import sde as sde_lib
 
 from .classifier import NoiseConditionalClassifier as NoiseConditionalClassifier
 from .layers import AttnBlock as AttnBlock
@@ -43,11 +44,12 @@ CLASSIFIERS: dict[str, type[nn.Module]] = {"classifier": NoiseConditionalClassif
 NETWORKS = {**MODELS, **CLASSIFIERS}
 
 
-# config.model keys that are not network fields: read by get_score_model and the training loop.
+# config.model keys that are not network fields: read by the score model and the training loop.
 SHARED_KEYS = ("name", "ema_rate", "ema_warmup", "parameterization", "noise_input", "scale_input",
                "scale_by_sigma", "label_dropout")
 # Network fields with a shared default in every config (diffusion/defaults.py), passed to the
-# networks that have them; `experiment.check_config` refuses a changed value for one that does not.
+# networks that have them; `config_checks.check_config` refuses a changed value for one that
+# does not.
 OPTIONAL_FIELDS = ("num_classes", "remat")
 
 
@@ -56,47 +58,45 @@ def network_fields(cls: type[nn.Module]) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
 
 
-def get_model(config) -> nn.Module:
-    """The network named by `config.model.name`, built from the keys of `config.model`.
+def build_network(name: str, fields: Mapping[str, Any]) -> nn.Module:
+    """The network called `name` (a config's model.name), built from `fields` (the keys of a
+    config's `model` block).
 
-    Every key of the block is one of SHARED_KEYS, one of OPTIONAL_FIELDS or a field of the
-    chosen class; any other key (a misspelt field, or one of another network) is a ValueError
-    naming it and the valid fields. Lists become tuples.
+    Every key is one of SHARED_KEYS, one of OPTIONAL_FIELDS or a field of the chosen class; any
+    other key (a misspelt field, or one of another network) is a ValueError naming it and the
+    valid fields. Lists become tuples.
     """
-    name = config.model.name
     if name not in NETWORKS:
         raise ValueError(f"Unknown model {name!r}: config.model.name must be one of "
                          f"{sorted(NETWORKS)}.")
     cls = NETWORKS[name]
-    fields = network_fields(cls)
-    unknown = sorted(k for k in config.model
-                     if k not in fields and k not in SHARED_KEYS + OPTIONAL_FIELDS)
+    valid = network_fields(cls)
+    unknown = sorted(k for k in fields if k not in valid and k not in SHARED_KEYS + OPTIONAL_FIELDS)
     if unknown:
         raise ValueError(f"config.model has keys that network {name!r} ({cls.__name__}) does not "
-                         f"take: {unknown}. Its fields are {sorted(fields)}; the shared keys "
+                         f"take: {unknown}. Its fields are {sorted(valid)}; the shared keys "
                          f"are {list(SHARED_KEYS)}.")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v
-              for k, v in config.model.items() if k in fields}
-    return cls(**kwargs)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v
+                  for k, v in fields.items() if k in valid})
+
+
+def get_model(config) -> nn.Module:
+    """The network named by `config.model.name`, built from the keys of `config.model`
+    (`build_network`; the config is unpacked by `diffusion.experiment.network_of`)."""
+    from diffusion import experiment  # the config reader, which imports this package
+
+    return experiment.network_of(config)
 
 
 def get_score_model(config) -> ScoreModel:
-    """The score model of `config`: the one place where network, SDE, parameterisation, noise
-    conditioning and network input come together (training, sampling, evaluation and the
-    score_sde converter all use it).
-
-    Reads config.model (name and network fields, parameterization, noise_input, scale_input,
-    scale_by_sigma), config.sde, config.training.continuous, config.data.centered (images in
-    [0, 1] are fed to the network as 2 x - 1, as score_sde's networks do) and data.sigma_data
-    (the "edm" parameterization). Computes in float32;
+    """The score model of `config`: network, SDE, parameterisation, noise conditioning and
+    network input together (`make_score_model`; the config is unpacked by
+    `diffusion.experiment.score_model_of`). Computes in float32;
     `dataclasses.replace(score_model, compute_dtype="bfloat16")` gives the mixed-precision one.
 
         score_model = get_score_model(config)
         s = score_model(params, x, t, y=None, train=False, rng=None)    # the score, like x
     """
-    m = config.model
-    return make_score_model(
-        get_model(config), sde_lib.get_sde(**config.sde), m.parameterization, m.noise_input,
-        m.scale_input, scale_by_sigma=m.get("scale_by_sigma", False),
-        center_input=not config.data.centered, continuous=config.training.continuous,
-        sigma_data=config.data.get("sigma_data", 0.5))
+    from diffusion import experiment
+
+    return experiment.score_model_of(config)

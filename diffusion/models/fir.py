@@ -3,7 +3,8 @@
 A separable FIR kernel k (default (1, 3, 3, 1), Karras et al. 2020 / Song et al. 2021's
 `fir_kernel`) low-pass filters before down-sampling and after up-sampling; `FIRConv` fuses the
 resampling with a 3x3 convolution as score_sde's `Conv2d` with up / down does. The naive
-versions (nearest-neighbour repeat, average pooling) are what NCSN++ uses without FIR.
+versions (nearest-neighbour repeat, average pooling), what NCSN++ uses without FIR, are
+`layers.naive_upsample` / `naive_downsample`.
 """
 
 from __future__ import annotations
@@ -72,16 +73,6 @@ def fir_downsample(x: Array, k=(1, 3, 3, 1), factor: int = 2) -> Array:
     k2 = fir_kernel_2d(k)
     p = k2.shape[0] - factor
     return upfirdn2d(x, k2, down=factor, pad=((p + 1) // 2, p // 2))
-
-
-def naive_upsample(x: Array, factor: int = 2) -> Array:
-    """Nearest-neighbour upsampling: (B, H, W, C) -> (B, factor H, factor W, C)."""
-    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
-
-
-def naive_downsample(x: Array, factor: int = 2) -> Array:
-    """Average pooling: (B, H, W, C) -> (B, H / factor, W / factor, C)."""
-    return nn.avg_pool(x, (factor, factor), strides=(factor, factor))
 
 
 class FIRConv(nn.Module):

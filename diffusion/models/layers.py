@@ -1,5 +1,7 @@
 """Building blocks shared by the score networks: noise-level embeddings, ResNet and attention
-blocks, and resampling layers.
+blocks, and resampling layers (nearest-neighbour upsampling and average pooling are written
+here once, `naive_upsample` / `naive_downsample`, for the networks and for guidance's
+super-resolution measurement; the FIR resampling is in `fir.py`).
 
 The blocks follow DDPM (Ho et al. 2020, appendix B) as re-implemented in score_sde
 (Song et al. 2021): GroupNorm -> SiLU -> 3x3 conv, the noise embedding added between the two
@@ -220,6 +222,17 @@ class AttnBlock(nn.Module):
         return out / math.sqrt(2.0) if self.skip_rescale else out
 
 
+def naive_upsample(x: Array, factor: int = 2) -> Array:
+    """Nearest-neighbour upsampling: (B, H, W, C) -> (B, factor H, factor W, C)."""
+    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+def naive_downsample(x: Array, factor: int = 2) -> Array:
+    """Average pooling over factor x factor blocks: (B, H, W, C) -> (B, H / factor, W / factor,
+    C) (a remainder of H or W is dropped)."""
+    return nn.avg_pool(x, (factor, factor), strides=(factor, factor))
+
+
 class Downsample(nn.Module):
     """Halves H and W: 3x3 conv with stride 2 (`with_conv`) or 2x2 average pooling."""
 
@@ -230,7 +243,7 @@ class Downsample(nn.Module):
         """x (B, H, W, C), H and W even -> (B, H/2, W/2, C)."""
         if self.with_conv:
             return conv3x3(x.shape[-1], stride=2)(x)
-        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+        return naive_downsample(x)
 
 
 class Upsample(nn.Module):
@@ -241,5 +254,5 @@ class Upsample(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """x (B, H, W, C) -> (B, 2H, 2W, C)."""
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        x = naive_upsample(x)
         return conv3x3(x.shape[-1])(x) if self.with_conv else x

@@ -44,7 +44,6 @@ from diffusion.models.fir import FIRConv as FIRConv
 from diffusion.models.fir import fir_downsample as fir_downsample
 from diffusion.models.fir import fir_kernel_2d as fir_kernel_2d
 from diffusion.models.fir import fir_upsample as fir_upsample
-from diffusion.models.fir import naive_downsample, naive_upsample
 from diffusion.models.layers import (
     AttnBlock,
     GaussianFourierProjection,
@@ -54,6 +53,8 @@ from diffusion.models.layers import (
     default_init,
     group_norm,
     label_embedding,
+    naive_downsample,
+    naive_upsample,
     rematerialized,
     sinusoidal_embedding,
 )

@@ -29,15 +29,17 @@ score_sde's `models/utils.py::get_score_fn`):
 
 Noise conditioning of continuous-time models (`continuous=True`):
   noise_input "time":      c_noise = 999 t        (score_sde's continuous VP / sub-VP models:
-                                                   the positional embedding sees DDPM-like steps)
+                                                   the positional embedding sees DDPM-like steps;
+                                                   `time_conditioning`, also the classifier's)
   noise_input "log_sigma": c_noise = log sigma(t) (score_sde's VE / NCSN++ Fourier embedding)
 
 Discrete-time models (`continuous=False`, trained by the DDPM or SMLD loss on the N levels of the
-SDE's chain, `SDE.discrete_coeffs`) are conditioned as score_sde conditions them: at level i,
-c_noise = i for VP-type chains (DDPM's step index) and N - 1 - i for VE (SMLD counts its levels
-from the largest sigma), and (alpha, sigma) are the level's. Called at a continuous time t (by a
-sampler), VP-type models see c_noise = t (N - 1) / T and the level floor(t (N - 1) / T), VE
-models the level round(t (N - 1) / T), as score_sde's `get_score_fn` does.
+SDE's chain, the `discrete_coeffs` of VPSDE, CosineVPSDE and VESDE) are conditioned as score_sde
+conditions them: at level i, c_noise = i for VP-type chains (DDPM's step index) and N - 1 - i for
+VE (SMLD counts its levels from the largest sigma), and (alpha, sigma) are the level's. Called
+at a continuous time t (by a sampler), VP-type models see c_noise = t (N - 1) / T and the level
+floor(t (N - 1) / T), VE models the level round(t (N - 1) / T), as score_sde's `get_score_fn`
+does.
 
 Network input:
   center_input: the network sees 2 x - 1, for data in [0, 1] (score_sde's networks do this
@@ -94,9 +96,16 @@ _OUTPUT_TO_SCORE = {
 }
 _NEEDS_RATES = ("v",)
 
+def time_conditioning(t: Array) -> Array:
+    """c_noise = 999 t: a time t in [0, 1] (any shape) as the DDPM step index 0..999 it
+    stands for, score_sde's conditioning of its continuous VP / sub-VP networks (noise_input
+    "time") and of the noise-conditional classifier (`losses.make_classifier_loss`)."""
+    return 999.0 * t
+
+
 # Noise conditioning c_noise (B,) of continuous-time models from t (B,) and sigma(t) (B,).
 _NOISE_CONDITIONING = {
-    "time": lambda t, sigma: 999.0 * t,
+    "time": lambda t, sigma: time_conditioning(t),
     "log_sigma": lambda t, sigma: jnp.log(sigma),
 }
 PARAMETERIZATIONS = tuple(_OUTPUT_TO_SCORE)
