@@ -4,9 +4,13 @@ Networks start with zero-initialised last layers (their output is exactly 0 at i
 that look at outputs first replace the parameters by random ones.
 """
 
+import dataclasses
+import functools
+import glob
+import importlib
 import math
+import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -344,8 +348,6 @@ def test_get_model_passes_only_fields_and_tuples():
     assert jax.eval_shape(run).shape == x.shape
     mlp = models.get_model(_config(name="mlp", hidden=32, n_layers=2))
     assert isinstance(mlp, models.MLP) and mlp.hidden == 32 and mlp.n_layers == 2
-    assert models.MODELS == {"mlp": models.MLP, "unet": models.UNet, "ncsnpp": models.NCSNpp,
-                             "ddpmpp": models.NCSNpp}
 
 
 def test_get_model_unknown_name():
@@ -355,26 +357,65 @@ def test_get_model_unknown_name():
         models.get_model(_config(name="resnet"))
 
 
-# A tiny config.model of every registered network (lists, as a config holds them) and its input.
-TINY_MODELS = {
-    "mlp": (dict(hidden=16, n_layers=2), (2, 3)),
-    "unet": (dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0),
-             (2, 8, 8, 1)),
-    "ncsnpp": (dict(nf=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0,
-                    fir=True, progressive_input="residual", embedding_type="fourier"),
-               (2, 8, 8, 3)),
-    "ddpmpp": (dict(nf=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0),
-               (2, 8, 8, 3)),
-}
+@functools.cache
+def _smoke_configs_by_network() -> dict:
+    """model.name -> the smoke config of an experiments/*.py that uses it (the one with the
+    smallest data, so that tracing it is cheap)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = {}
+    for path in sorted(glob.glob(os.path.join(root, "experiments", "*.py"))):
+        module = os.path.basename(path)[:-3]
+        if module in ("__init__", "default"):
+            continue
+        config = importlib.import_module(f"experiments.{module}").get_config("smoke")
+        size = config.data.image_size or 0
+        name = config.model.name
+        if name not in found or size < (found[name].data.image_size or 0):
+            found[name] = config
+    return found
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
-def test_every_registered_model_builds_from_a_config_and_keeps_the_shape(name):
-    """Each entry of models.MODELS is a linen Module that get_model builds from a config and
-    whose output is shaped like its input (a new entry needs a TINY_MODELS line)."""
-    fields, shape = TINY_MODELS[name]
-    net = models.get_model(_config(name=name, **fields))
-    assert type(net) is models.MODELS[name] and isinstance(net, nn.Module)
-    x, t = _inputs(shape)
-    out = jax.eval_shape(lambda: net.apply(net.init(jax.random.key(0), x, t), x, t))
-    assert out.shape == x.shape and out.dtype == x.dtype
+def _smoke_config(name: str) -> ml_collections.ConfigDict:
+    """A fresh copy of the smoke config of an experiment whose network is `name`."""
+    configs = _smoke_configs_by_network()
+    assert name in configs, (f"no experiments/*.py uses model.name={name!r}: add an experiment "
+                             f"(with a smoke variant) for the network")
+    return configs[name].copy_and_resolve_references()
+
+
+@pytest.mark.parametrize("name", sorted(models.NETWORKS))
+def test_every_network_builds_from_an_experiment_config_and_fits_its_data(name):
+    """Each name of models.NETWORKS is used by an experiment, whose smoke config builds the
+    network through get_model; a score network's output is shaped like its input, a
+    classifier's is (B, num_classes). A name mapped to the wrong class fails here: its
+    experiment's keys are not that class's fields."""
+    config = _smoke_config(name)
+    net = models.get_model(config)
+    d = config.data
+    shape = (2, d.image_size, d.image_size, d.num_channels) if d.image_size else (2, 2)
+    x, t = jnp.zeros(shape), jnp.full((2,), 0.5)
+    y = jnp.zeros((2,), jnp.int32) if config.model.num_classes is not None else None
+    out = jax.eval_shape(lambda: net.apply(net.init(jax.random.key(0), x, t, y=y, train=False),
+                                           x, t, y=y, train=False))
+    want = (2, config.model.num_classes) if name in models.CLASSIFIERS else shape
+    assert out.shape == want and out.dtype == jnp.float32, (out, want)
+
+
+@pytest.mark.parametrize("name", sorted(models.NETWORKS))
+def test_get_model_refuses_a_field_of_another_network(name):
+    """config.model holds the keys of one network: a field that only other networks have (set
+    to their default) is an error naming it and the network, never silently dropped."""
+    cls = models.NETWORKS[name]
+    shared = {*models.SHARED_KEYS, *models.OPTIONAL_FIELDS}
+    foreign = {f.name: 1 if f.default is dataclasses.MISSING else f.default
+               for other in models.NETWORKS.values()
+               for f in dataclasses.fields(other)
+               if f.name not in models.network_fields(cls) | shared | {"parent", "name"}}
+    assert foreign, "every network has a field the others do not"
+    for field, default in sorted(foreign.items()):
+        config = _smoke_config(name)
+        with config.unlocked():
+            config.model[field] = default
+        with pytest.raises(ValueError, match=(rf"network '{name}' \({cls.__name__}\) does not "
+                                              rf"take: \['{field}'\]")):
+            models.get_model(config)

@@ -413,52 +413,105 @@ def test_probability_flow_drift_transports_gaussian_marginals(name, shape, x64):
     assert diffusion.shape == shape[:1]
 
 
+def closed_form_g2(sde, t):
+    """g(t)^2 from the papers' formulas, in numpy float64 (t below the cosine clip)."""
+    if isinstance(sde, sde_lib.VPSDE | sde_lib.SubVPSDE):
+        b0, b1 = sde.beta_min, sde.beta_max
+        beta = b0 + t * (b1 - b0)
+        if isinstance(sde, sde_lib.VPSDE):
+            return beta
+        return beta * (1 - np.exp(-2 * (b0 * t + t**2 * (b1 - b0) / 2)))   # the sub-VP SDE
+    if isinstance(sde, sde_lib.VESDE):
+        log_ratio = np.log(sde.sigma_max / sde.sigma_min)
+        return (sde.sigma_min * np.exp(t * log_ratio)) ** 2 * 2 * log_ratio   # d sigma(t)^2 / dt
+    if isinstance(sde, sde_lib.CosineVPSDE):
+        return np.pi / (1 + sde.s) * np.tan(np.pi / 2 * (t + sde.s) / (1 + sde.s))
+    raise TypeError(sde)
+
+
+@pytest.mark.parametrize("probability_flow", [False, True])
 @pytest.mark.parametrize("name", NAMES)
-def test_reverse_sde_and_discretize_add_the_score_correction(name, x64):
+def test_reverse_process_carries_the_gaussian_marginals_back_in_time(name, probability_flow,
+                                                                     x64):
+    """Run from T down to 0, the reverse SDE (Anderson 1982) and the probability-flow ODE keep
+    x_t ~ N(m_t, v_t I) for Gaussian data: m = alpha MU, v = alpha^2 S^2 + sigma^2.
+
+    With the exact score the reverse drift is affine, a x + b, and backward in time the mean
+    moves by -(a m + b) and the variance by -(2 a v - g'^2) per unit time (g' the reverse
+    diffusion): these must be -m' and -v'. The reverse diffusion is g(t) of the papers' formulas
+    (0 for the ODE). A wrong sign or factor of the score term, g for g^2, or a reverse diffusion
+    that is not g (or not 0 for the ODE) breaks one of the three.
+    """
     sde = DEFAULTS[name]
+    t = jnp.array([0.02, 0.3, 0.6, 0.9])
+    rsde = sde.reverse(gaussian_score(sde), probability_flow=probability_flow)
+    x = marginal_points(sde, jax.random.key(8), t, (4, 3))
+    drift, diffusion = rsde.sde(x, t)
+    b = np.asarray(rsde.sde(jnp.zeros_like(x), t)[0])
+    a = np.asarray(rsde.sde(jnp.ones_like(x), t)[0]) - b
+    np.testing.assert_allclose(drift, a * np.asarray(x) + b, rtol=1e-10, atol=1e-12)  # affine
+
+    def moments(t):
+        alpha, sigma = sde.marginal_coeffs(t)
+        return alpha * MU, alpha**2 * S**2 + sigma**2
+
+    (m, v), (dm, dv) = jax.jvp(moments, (t,), (jnp.ones_like(t),))
+    want_g2 = np.zeros(4) if probability_flow else closed_form_g2(sde, np.asarray(t))
+    np.testing.assert_allclose(np.asarray(diffusion) ** 2, want_g2, rtol=1e-10)
+    a, b = a[:, 0], b[:, 0]   # the same for every coordinate
+    np.testing.assert_allclose(a * m + b, dm, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(2 * a * v - want_g2, dv, rtol=1e-9)
+
+
+def closed_form_step(sde, t):
+    """(k, G^2), (B,): the forward chain's step x_{i+1} = (1 + k) x_i + G z at the level that
+    time t selects, level i = floor(t (N - 1)), from the papers' formulas in numpy float64.
+
+    DDPM (Ho et al. 2020): 1 + k = sqrt(1 - beta_i), G^2 = beta_i, with beta_i = beta_min / N
+    + i (beta_max - beta_min) / (N (N - 1)) for the VP SDE and Nichol & Dhariwal's betas for the
+    cosine one; SMLD (Song & Ermon 2019): k = 0, G^2 = sigma_i^2 - sigma_{i-1}^2, sigma_i =
+    sigma_min (sigma_max / sigma_min)^(i / (N - 1)), sigma_{-1} = 0; sub-VP: Euler-Maruyama with
+    dt = 1 / N, k = -beta(t) dt / 2, G^2 = g(t)^2 dt.
+    """
+    n = sde.N
+    i = np.floor(t * (n - 1)).astype(int)
+    if isinstance(sde, sde_lib.VPSDE | sde_lib.CosineVPSDE):
+        if isinstance(sde, sde_lib.VPSDE):
+            beta = sde.beta_min / n + i * (sde.beta_max - sde.beta_min) / (n * (n - 1))
+        else:
+            beta = nichol_dhariwal_betas(n, sde.s)[i]
+        return np.sqrt(1 - beta) - 1, beta
+    if isinstance(sde, sde_lib.VESDE):
+        sigma = lambda j: sde.sigma_min * (sde.sigma_max / sde.sigma_min) ** (j / (n - 1))
+        return np.zeros_like(t), sigma(i) ** 2 - np.where(i > 0, sigma(i - 1), 0.0) ** 2
+    if isinstance(sde, sde_lib.SubVPSDE):
+        beta = sde.beta_min + t * (sde.beta_max - sde.beta_min)
+        return -beta / (2 * n), closed_form_g2(sde, t) / n
+    raise TypeError(sde)
+
+
+@pytest.mark.parametrize("probability_flow", [False, True])
+@pytest.mark.parametrize("name", NAMES)
+def test_reverse_discretize_is_the_reverse_diffusion_step_of_the_chain(name, probability_flow,
+                                                                       x64):
+    """score_sde's reverse-diffusion step of the discrete chain (DDPM, SMLD, Euler-Maruyama):
+    x_{i-1} = x_i - [k x_i - c G^2 score] + G' z with the forward step's k and G at level i,
+    c = 1 and G' = G, or c = 1/2 and G' = 0 for the probability flow; at the first and second
+    level (SMLD's first step starts from sigma = 0), the middle one and the last (t = T)."""
+    sde = DEFAULTS[name]
+    n = sde.N
+    t = np.array([0.5 / (n - 1), 1.5 / (n - 1), (n // 2 + 0.5) / (n - 1), 1.0])
     score_fn = gaussian_score(sde)
-    t = jnp.array([0.001, 0.3, 0.6, 1.0])
-    x = marginal_points(sde, jax.random.key(8), t, (4, 3, 2))
-    score = np.asarray(score_fn(x, t))
-    # An independent evaluation of the score: -(x - alpha MU) / v with the closed-form marginals.
-    alpha, sigma = (np.asarray(c) for c in sde.marginal_coeffs(t))
-    v = alpha**2 * S**2 + sigma**2
-    np.testing.assert_allclose(score, -(np.asarray(x) - alpha[:, None, None] * MU)
-                               / v[:, None, None], rtol=1e-12)
-
-    f, g = (np.asarray(c) for c in sde.sde(x, t))
-    drift, diffusion = sde.reverse(score_fn).sde(x, t)
-    np.testing.assert_allclose(drift, f - (g**2)[:, None, None] * score, rtol=1e-12, atol=1e-12)
-    np.testing.assert_array_equal(diffusion, g)
-    drift, diffusion = sde.reverse(score_fn, probability_flow=True).sde(x, t)
-    np.testing.assert_allclose(drift, f - 0.5 * (g**2)[:, None, None] * score, rtol=1e-12,
-                               atol=1e-12)
-    np.testing.assert_array_equal(diffusion, 0.0)
-
-    f, G = (np.asarray(c) for c in sde.discretize(x, t))
-    rev_f, rev_G = sde.reverse(score_fn).discretize(x, t)
-    np.testing.assert_allclose(rev_f, f - (G**2)[:, None, None] * score, rtol=1e-12, atol=1e-12)
-    np.testing.assert_array_equal(rev_G, G)
-    rev_f, rev_G = sde.reverse(score_fn, probability_flow=True).discretize(x, t)
-    np.testing.assert_allclose(rev_f, f - 0.5 * (G**2)[:, None, None] * score, rtol=1e-12,
-                               atol=1e-12)
-    np.testing.assert_array_equal(rev_G, np.zeros(4))
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_reverse_sde_keeps_the_forward_interface(name):
-    sde = DEFAULTS[name]
-    rsde = sde.reverse(gaussian_score(sde))
-    assert rsde.T == sde.T == 1.0 and rsde.N == sde.N
-    t = jnp.array([0.1, 0.9])
-    x0 = jnp.ones((2, 3))
-    for got, want in zip(rsde.marginal_prob(x0, t), sde.marginal_prob(x0, t), strict=True):
-        np.testing.assert_array_equal(got, want)
-    for got, want in zip(rsde.marginal_coeffs(t), sde.marginal_coeffs(t), strict=True):
-        np.testing.assert_array_equal(got, want)
-    key = jax.random.key(9)
-    np.testing.assert_array_equal(rsde.prior_sampling(key, (2, 3)), sde.prior_sampling(key, (2, 3)))
-    np.testing.assert_array_equal(rsde.prior_logp(x0), sde.prior_logp(x0))
+    x = marginal_points(sde, jax.random.key(9), jnp.asarray(t), (4, 3, 2))
+    rev_f, rev_G = sde.reverse(score_fn, probability_flow=probability_flow).discretize(
+        x, jnp.asarray(t))
+    k, G2 = closed_form_step(sde, t)
+    c = 0.5 if probability_flow else 1.0
+    score = np.asarray(score_fn(x, jnp.asarray(t)))
+    want = k[:, None, None] * np.asarray(x) - c * G2[:, None, None] * score
+    np.testing.assert_allclose(rev_f, want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(rev_G, np.zeros(4) if probability_flow else np.sqrt(G2),
+                               rtol=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
