@@ -25,7 +25,10 @@ def exact_prior(mixture, sde):
     return lambda z: mixture.log_prob(z, jnp.full((z.shape[0],), sde.T, z.dtype), sde)
 
 
-@pytest.mark.parametrize("sde_name", sorted(SDES))
+# Cosine (10 s each on 2 cores) runs with -m slow; its likelihood is also checked by the flows'
+# and the seed tests.
+@pytest.mark.parametrize("sde_name", [pytest.param(n, marks=pytest.mark.slow) if n == "cosine"
+                                      else n for n in sorted(SDES)])
 @pytest.mark.parametrize("dim", [2, 8])
 def test_exact_divergence_matches_the_mixture_density(x64, sde_name, dim):
     sde = SDES[sde_name]

@@ -95,11 +95,13 @@ def _tiny(resblock, fir, progressive, progressive_input, combine, embedding, **k
 
 # Eager (op-by-op) execution compiles every primitive separately, which costs seconds on CPU:
 # jit == eager is checked on the variant that uses every FIR layer (upfirdn2d up and down,
-# FIRConv up and down) and both skip pyramids.
+# FIRConv up and down) and both skip pyramids, with -m slow (18 s on 2 cores; the FIR layers
+# are also checked against score_sde's score on its checkpoints, test_score_sde_compat.py).
 EAGER = {0}
 
 
-@pytest.mark.parametrize("index", range(len(VARIANTS)),
+@pytest.mark.parametrize("index", [pytest.param(i, marks=pytest.mark.slow) if i in EAGER else i
+                                   for i in range(len(VARIANTS))],
                          ids=["-".join(map(str, v)) for v in VARIANTS])
 def test_forward_shape_finite_and_jit_matches_eager(index):
     net = _tiny(*VARIANTS[index])

@@ -87,8 +87,10 @@ def test_raw_optimizer_params_are_not_the_sampling_weights(fixtures):
 
 @pytest.mark.parametrize("tag, change", [
     ("ve_ncsnpp", {"sde__exact_std": True}),          # the exact VE std: another sigma(t)
-    ("ve_ncsnpp", {"data__centered": True}),          # x instead of 2 x - 1
-    ("subvp_ddpmpp", {"model__scale_input": True}),   # EDM-style x / sqrt(alpha^2 + sigma^2)
+    pytest.param("ve_ncsnpp", {"data__centered": True},           # x instead of 2 x - 1
+                 marks=pytest.mark.slow),
+    pytest.param("subvp_ddpmpp", {"model__scale_input": True},    # x / sqrt(alpha^2 + sigma^2)
+                 marks=pytest.mark.slow),
 ])
 def test_our_options_compute_another_score(tag, change, fixtures):
     """The named options that are off in the paper configs do change the score: the

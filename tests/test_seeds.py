@@ -239,6 +239,7 @@ def test_score_sdes_batch_norm_is_the_same_on_1_or_4_devices(toy_run, monkeypatc
     assert np.max(np.abs(a - b)) <= TOL
 
 
+@pytest.mark.slow   # a likelihood for any batch: test_a_log_likelihood_does_not_depend_on_its_batch
 def test_likelihood_equal_for_any_eval_batch_size(toy_run):
     """The toy's nats per example (exact divergence) for eval batches of 16 and 8."""
     config, workdir = toy_run

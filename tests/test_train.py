@@ -43,6 +43,9 @@ def _run(step_fn, state, batch, calls=2):
     return state, metrics
 
 
+# 30 s on 2 cores (three programs compiled); the default suite checks 1 device against 4 on the
+# whole loop (test_seeds.py), this the step against jax.pmap.
+@pytest.mark.slow
 def test_shard_map_step_equals_pmap_and_single_device():
     assert jax.device_count() == 4, "conftest sets 4 fake CPU devices"
     loss_fn, tx, state, batch = _tiny_setup()

@@ -5,12 +5,15 @@ Both are pure JAX, jit-compatible, and take x (N, D), y (M, D).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
 
 
+@functools.partial(jax.jit, static_argnames="num_projections")
 def sliced_wasserstein(key: Array, x: Array, y: Array, num_projections: int = 256) -> Array:
     """Sliced 2-Wasserstein distance: sqrt(E_theta W_2^2(theta.x, theta.y)), theta ~ U(sphere).
 
