@@ -13,12 +13,11 @@ every pool thread is inside such a call, the chunks they scheduled have no threa
 and the program never finishes. Sampling hit this through the PC sampler: the corrector and
 predictor evaluate the score at the same time t, so a score that solves a t-dependent linear
 system (the exact score of Gaussian data) ran two LU factorisations at once, one per thread of a
-2-core machine (`../shared/repro/sr_solve_hang.py`, issue 26 part 4).
+2-core machine.
 Upstream stopped splitting LAPACK batches in open-source builds after the 0.11.0 release
 (jax-ml/jax commit 859992407d on main, "Don't try to parallelize LAPACK kernels in opensource
-builds"); the splitting came in 0.10.0 (bfd9e1fbd3). A reproducer in plain JAX (8 independent
-batched solves in one jitted function) is in issue 26's note; the project's case is
-tests/test_hang.py.
+builds"); the splitting came in 0.10.0 (bfd9e1fbd3). A reproducer in plain JAX is 8 independent
+batched solves in one jitted function; the project's case is tests/test_hang.py.
 
 `after(x, t)` is the workaround the samplers use: `score_fn(x, after(x, t))` evaluates the score
 only once x is known, so no part of one evaluation can overlap the one before. Every sampler and
