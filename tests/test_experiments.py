@@ -207,11 +207,11 @@ SAMPLER_CASES = [("ddim", 5, 6), ("dpm_solver", 20, 21), ("edm", 0, 35), ("ode",
                  ("pc", 7, 7)]   # pc: the final denoising is its last predictor step
 
 
-# Two by default (a multistep solver and the adaptive ODE); each sampler's algorithm is tested
-# on its own in test_solvers.py / test_pc.py / test_ode.py, and all of them from the config with
-# the slow set.
+# The adaptive ODE by default (pc runs in the smoke test); each sampler's algorithm is tested on
+# its own in test_solvers.py / test_pc.py / test_ode.py, and all of them from the config with the
+# slow set.
 @pytest.mark.parametrize("method, steps, expected_nfe", [
-    case if case[0] in ("dpm_solver", "ode") else pytest.param(*case, marks=pytest.mark.slow)
+    case if case[0] == "ode" else pytest.param(*case, marks=pytest.mark.slow)
     for case in SAMPLER_CASES])
 def test_every_sampler_from_the_config(method, steps, expected_nfe, smoke_run):
     config, workdir = smoke_run("toy_2d")
@@ -230,6 +230,9 @@ def test_an_unknown_sampler_from_the_config(smoke_run):
         train.sample(config, workdir)
 
 
+# 30 s on 2 cores (two fresh processes compile everything); the default suite runs the same
+# loops in process and scripts/run.py's flag handling in test_train.py / test_docs.py.
+@pytest.mark.slow
 def test_command_line_train_then_sample(tmp_path):
     """The README's entry point, as a user runs it (smoke size)."""
     base = [sys.executable, os.path.join(ROOT, "scripts", "run.py"),

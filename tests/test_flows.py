@@ -149,7 +149,10 @@ def test_likelihood_matches_the_mixture_density(x64, dim):
     assert int(nfe) > 0
 
 
-@pytest.mark.parametrize("mixture", [pytest.param("ring", marks=pytest.mark.slow), "random"])
+# With -m slow (12 s each on 2 cores): the float32 likelihood is checked by default with the SDE
+# prior (test_likelihood.py), the flow's in float64 (test_likelihood_matches_the_mixture_density).
+@pytest.mark.slow
+@pytest.mark.parametrize("mixture", ["ring", "random"])
 def test_float32_likelihood_with_the_flow_prior(mixture):
     """float32 at the default tolerances with the process's own prior: given the velocity, the
     ODE runs to t = 1, where N(0, I) is the exact marginal, so no prior mismatch is left. Measured

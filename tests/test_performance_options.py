@@ -85,7 +85,9 @@ def _conv_and_matmul_dtypes(jaxpr) -> collections.Counter:
     return counts
 
 
-@pytest.mark.parametrize("name", sorted(NETWORKS))
+# NCSN++ with -m slow (the U-Net runs the same mixed-precision path by default).
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "ncsnpp" else n
+                                  for n in sorted(NETWORKS)])
 def test_bfloat16_score_model_computes_in_bfloat16_and_stays_close(name):
     cls, kwargs = NETWORKS[name]
     net = cls(**kwargs)
