@@ -76,7 +76,6 @@ def save_scatter(path: str, samples: np.ndarray, reference: np.ndarray | None = 
         plt.close(fig)
 
 
-
 def save_samples(path: str, samples: np.ndarray, *, is_image: bool,
                  transform: Callable | None = None, reference: np.ndarray | None = None,
                  title: str = "", ncol: int | None = None) -> None:
@@ -103,8 +102,8 @@ def task_rows(task: str, samples: np.ndarray, cond: np.ndarray, mask: np.ndarray
     elif task == "colorize":
         shown = np.broadcast_to(known, (*known.shape[:-1], samples.shape[-1]))
     else:
-        from diffusion.guidance import upsample
+        from diffusion.models.layers import naive_upsample
 
-        shown = np.asarray(upsample(known, sr_factor))
+        shown = np.asarray(naive_upsample(known, sr_factor))
     rows = [shown, samples[:n]] + ([originals[:n]] if originals is not None else [])
     return np.concatenate(rows)
