@@ -17,6 +17,7 @@ import sys
 import jax
 import ml_collections
 
+from diffusion import chain as chain_lib
 from diffusion import data as data_lib
 from diffusion import defaults, likelihood, losses, models
 from diffusion import sde as sde_lib
@@ -32,6 +33,7 @@ SAMPLER_KEYS = {
     "ddim": ("steps", "eta"),
     "dpm_solver": ("steps", "order"),
     "edm": ("steps", "rho", "s_churn"),
+    "ddpm": ("steps", "spacing", "variance"),
 }
 _SAMPLING_SHARED = ("method", "eps", "noise_removal", "batch_size", "num_samples", "labels",
                     "guidance", "guidance_weight", "classifier_workdir", "task", "task_input",
@@ -42,6 +44,8 @@ _LOSS_KEYS = {
     "ddpm / smld": ("reduce_mean",),
     "flow_matching": ("reduce_mean", "eps", "t_sampling", "logit_mean", "logit_std"),
     "edm": ("reduce_mean", "eps", "p_mean", "p_std"),
+    "hybrid": ("reduce_mean", "vlb_weight"),
+    "vlb": ("reduce_mean", "importance_sampling"),
 }
 # training.unroll: how the n_jitted_steps optimizer steps of one call are traced (train.py).
 UNROLL_CHOICES = ("auto", "unroll", "scan")
@@ -232,7 +236,39 @@ def _name_problems(config) -> list[str]:
     if (s.method == "pc" and s.predictor in NONE_NAMES and s.corrector in NONE_NAMES):
         problems.append("sampling.predictor and sampling.corrector are both 'none': the PC "
                         "sampler needs at least one")
-    return problems + guidance_problems(config)
+    return problems + guidance_problems(config) + chain_problems(config)
+
+
+def chain_problems(config) -> list[str]:
+    """The problems of what runs on the SDE's discrete chain (`diffusion.chain`): learned
+    variances, the hybrid / vlb losses and the DDPM sampler."""
+    s, m, t = config.sampling, config.model, config.training
+    problems = []
+    chain = config.sde.name in ("vpsde", "cosine_vpsde", "vesde")
+    learned = m.get("learn_variance", False)
+    if learned and (t.continuous or not chain):
+        problems.append("model.learn_variance=True learns the reverse kernel of the discrete "
+                        "chain: it needs training.continuous=False and sde.name 'vpsde', "
+                        "'cosine_vpsde' or 'vesde'")
+    if t.loss in ("hybrid", "vlb") and not learned:
+        problems.append(f"training.loss={t.loss!r} trains a learned variance: set "
+                        f"model.learn_variance=True (DDPM's L_simple is training.loss='dsm' "
+                        f"with training.continuous=False)")
+    if s.method == "ddpm":
+        if not chain:
+            problems.append(f"sampling.method='ddpm' steps along a DDPM / SMLD chain; SDE "
+                            f"{config.sde.name!r} has none (use 'vpsde', 'cosine_vpsde', "
+                            f"'vesde', or another sampler)")
+        if s.spacing not in chain_lib.SPACINGS:
+            problems.append(f"sampling.spacing={s.spacing!r} is not one of "
+                            f"{list(chain_lib.SPACINGS)}")
+        if s.variance not in chain_lib.FIXED_VARIANCES:
+            problems.append(f"sampling.variance={s.variance!r} is not one of "
+                            f"{list(chain_lib.FIXED_VARIANCES)}")
+        if s.steps == 1 or s.steps > config.sde.N:
+            problems.append(f"sampling.steps={s.steps} of the DDPM sampler must be 0 (all "
+                            f"sde.N={config.sde.N} levels) or 2 .. sde.N")
+    return problems
 
 
 def guidance_problems(config) -> list[str]:

@@ -8,18 +8,19 @@ complete):
   seed; sde.{name, beta_min, beta_max, sigma_min, sigma_max, N, s, exact_std} (rectified_flow
   also takes sde.T);
   model.{name, ema_rate, ema_warmup, parameterization, noise_input, scale_input, scale_by_sigma,
-  num_classes, label_dropout, remat, <network fields>};
+  num_classes, label_dropout, learn_variance, remat, <network fields>};
   data.{dataset, path, image_size, num_channels, crop_size, num_workers, centered,
   uniform_dequantization, random_flip, data_dir, train_split, eval_split, sigma_data};
   training.{batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps, unroll,
   compute_dtype, loss, continuous, reduce_mean, likelihood_weighting, eps, t_sampling,
-  logit_mean, logit_std, p_mean, p_std, snapshot_sampling, keep_checkpoints};
+  logit_mean, logit_std, p_mean, p_std, vlb_weight, importance_sampling, snapshot_sampling,
+  keep_checkpoints};
   optim.{lr, warmup, grad_clip, beta1, beta2, eps, weight_decay};
-  sampling.{method, steps, predictor, corrector, snr, n_steps_each, corrector_norm,
+  sampling.{method, steps, spacing, variance, predictor, corrector, snr, n_steps_each, corrector_norm,
   noise_removal, denoiser, eps, order, eta, rho, s_churn, rtol, atol, ode_solver, batch_size,
   num_samples, labels, guidance, guidance_weight, classifier_workdir, task, task_input, mask,
   sr_factor};
-  eval.{batch_size, num_batches, enable_bpd, bpd_num_batches, bpd_num_repeats, bpd_divergence,
+  eval.{batch_size, num_batches, enable_bpd, enable_vlb, bpd_num_batches, bpd_num_repeats, bpd_divergence,
   likelihood_eps, likelihood_rtol, likelihood_atol, enable_fid, fid_num_samples, fid_batch_size,
   fid_ref_split, fid_ref_max_examples, fid_stats_dir, inception_weights, kid_subsets,
   kid_subset_size, is_splits}.
@@ -59,6 +60,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     model.num_classes = ml_collections.config_dict.placeholder(int)  # an int: class-conditional
     model.label_dropout = 0.0           # conditional models: labels replaced by the null label
                                         # with this probability (classifier-free guidance)
+    model.learn_variance = False        # discrete models: also output the reverse kernel's
+                                        # variance (Nichol & Dhariwal 2021; training.loss
+                                        # "hybrid" or "vlb")
     model.remat = False                 # recompute block activations in the backward pass
                                         # (less memory, ~1 more forward; unet/ncsnpp/ddpmpp)
 
@@ -95,7 +99,8 @@ def get_default_config() -> ml_collections.ConfigDict:
                                         # continuous time, or with training.continuous=False
                                         # the discrete DDPM (VP, cosine) / SMLD (VE) losses |
                                         # "flow_matching" (velocity regression) | "edm" (EDM's
-                                        # loss); diffusion/losses.py
+                                        # loss) | "hybrid" / "vlb" (Improved DDPM: discrete,
+                                        # model.learn_variance); diffusion/losses.py
     training.continuous = True          # False: DDPM / SMLD's discrete levels (see loss)
     training.reduce_mean = False        # mean over dimensions (else 1/2 sum, score_sde)
     training.likelihood_weighting = False   # dsm: weight g(t)^2 (Song et al. 2021b)
@@ -105,6 +110,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     training.logit_std = 1.0
     training.p_mean = -1.2              # edm: ln sigma~ ~ N(p_mean, p_std^2) (Karras et al.)
     training.p_std = 1.2
+    training.vlb_weight = 0.001         # hybrid: L_simple + vlb_weight L_vlb (Nichol &
+                                        # Dhariwal 2021: lambda = 0.001)
+    training.importance_sampling = True  # vlb: levels drawn with p ~ sqrt(E[L^2]) (their
+                                        # sec. 3.3), else uniformly
     training.snapshot_sampling = True
     training.keep_checkpoints = 3
 
@@ -118,9 +127,13 @@ def get_default_config() -> ml_collections.ConfigDict:
     optim.weight_decay = 0.0
 
     config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.method = "pc"              # "pc" | "ode" | "ddim" | "dpm_solver" | "edm"
-    sampling.steps = 0                  # 0: the sampler's default (pc: sde.N; ddim 50,
+    sampling.method = "pc"              # "pc" | "ode" | "ddim" | "dpm_solver" | "edm" |
+                                        # "ddpm" (ancestral on the discrete chain, respaced)
+    sampling.steps = 0                  # 0: the sampler's default (pc, ddpm: sde.N; ddim 50,
                                         # dpm_solver 20, edm 18); unused by "ode" (adaptive)
+    sampling.spacing = "evenly"         # ddpm with steps < sde.N: "evenly" | "quad" (DDIM's)
+    sampling.variance = "beta"          # ddpm, fixed-variance models: "beta" | "beta_tilde"
+                                        # (learned-variance models use theirs)
     sampling.predictor = "euler_maruyama"  # | "reverse_diffusion" | "ancestral" | "none"
     sampling.corrector = "none"         # "langevin" | "ald" | "none"
     sampling.snr = 0.16
@@ -161,6 +174,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     evaluation.batch_size = 256
     evaluation.num_batches = 20
     evaluation.enable_bpd = True        # likelihood through the probability-flow ODE
+    evaluation.enable_vlb = True        # discrete models: DDPM's variational bound in bits/dim
+                                        # (vlb_bpd; eval.bpd_num_batches batches)
     evaluation.bpd_num_batches = 1      # batches of eval.batch_size per pass (0: the whole split)
     evaluation.bpd_num_repeats = 1      # passes, each with fresh dequantization noise (score_sde:
                                         # 5 over the whole test set)

@@ -23,8 +23,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion import data as data_lib
+from diffusion import chain as chain_lib
 from diffusion import likelihood, metrics, rng
-from diffusion.experiment import EvalSettings, Experiment, build
+from diffusion.experiment import EvalSettings, Experiment, build, decoder_of
 from diffusion.generate import draw_samples, sample_batches
 from diffusion.models import parameterization
 from diffusion.parallel import (
@@ -108,8 +109,9 @@ def classifier_accuracy(exp: Experiment, params) -> dict:
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluates the latest checkpoint; appends one JSON line to `<workdir>/eval.jsonl`.
 
-    Reports the eval-split loss of the EMA parameters (the score-matching objective), with
-    `eval.enable_bpd` the likelihood of eval data through the probability-flow ODE (bits/dim for
+    Reports the eval-split loss of the EMA parameters (the score-matching objective), for a
+    discrete-time model with `eval.enable_vlb` DDPM's variational bound (`vlb_bpd`,
+    `eval_variational_bound`), with `eval.enable_bpd` the likelihood of eval data through the probability-flow ODE (bits/dim for
     images, nats per example for points; `eval_likelihood`); for images with `eval.enable_fid`
     FID / KID / Inception Score of `eval.fid_num_samples` samples (`eval_sample_quality`); for
     low-dimensional data the sliced Wasserstein distance and MMD between `sampling.num_samples`
@@ -131,8 +133,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "eval_split_examples": len(exp.dataset.eval)}
     if exp.is_classifier:
         record.update(classifier_accuracy(exp, state.ema_params))
-    elif exp.eval.enable_bpd:
-        record.update(eval_likelihood(exp, state.ema_params, mesh))
+    else:
+        if exp.eval.enable_vlb and has_variational_bound(exp):
+            record.update(eval_variational_bound(exp, state.ema_params, mesh))
+        if exp.eval.enable_bpd:
+            record.update(eval_likelihood(exp, state.ema_params, mesh))
     if not exp.dataset.is_image and not exp.is_classifier:
         record.update(sample_distances(exp, state.ema_params, mesh))
     if extractor is not None and not exp.is_classifier:
@@ -221,6 +226,88 @@ def eval_likelihood(exp: Experiment, params, mesh: Mesh) -> dict:
     return {name: float(values.mean()),
             f"{name}_std_err": float(values.std() / math.sqrt(len(values))),
             "likelihood_nfe": nfe, "likelihood_examples": len(values)}
+
+
+# --------------------------------------------------------------------------- variational bound
+
+
+def has_variational_bound(exp: Experiment) -> bool:
+    """Whether `exp` is a discrete-time score model on a Gaussian chain (DDPM / SMLD), whose
+    reverse process has a variational bound (`diffusion.chain`)."""
+    model = exp.score_model
+    return (model is not None and not model.continuous and chain_lib.has_chain(exp.sde)
+            and not exp.conditional)
+
+
+def make_variational_bound(exp: Experiment, mesh: Mesh, variances: tuple[str, ...]) -> Callable:
+    """A jitted `(params, key, batch) -> {name: (B,) nats}` of `chain.variational_bound` over
+    all N levels, batch = {"x", "index"} sharded over the mesh; example `index` draws level j's
+    noise from fold_in(fold_in(key, index), j), whatever the batch size or devices."""
+    chain = chain_lib.make_chain(exp.sde)
+    decoder = decoder_of(exp.dataset, exp.data.centered)
+    model, levels = exp.score_model, jnp.asarray(chain.levels)
+
+    def device_bound(params, key, batch):
+        def model_fn(x, j):
+            if model.learn_variance:
+                return model.at_level_with_variance(params, x, levels[j])
+            return model.at_level(params, x, levels[j]), None
+
+        return chain_lib.variational_bound(rng.indexed(key, batch["index"]), chain, decoder,
+                                           model_fn, batch["x"], variances)
+
+    return map_over_batch(device_bound, mesh, out_specs=P(DATA_AXIS))
+
+
+def eval_variational_bound(exp: Experiment, params, mesh: Mesh) -> dict:
+    """DDPM's variational bound of eval data (Ho et al. 2020, eq. 5 and Table 2's protocol):
+    the prior term, the KL terms of all N levels (one noise draw each) and the decoder, on the
+    data's own pixel levels with no dequantization (for points: the Gaussian decoder's density),
+    in bits/dim (points: nats per example, `vlb_nll`).
+
+    The first eval.bpd_num_batches batches of eval.batch_size of the eval split (0: all of it).
+    `vlb_bpd` is the bound with the model's learned variance, or for a fixed-variance model
+    with sampling.variance's Sigma; fixed-variance models also report both
+    (`vlb_bpd_beta`, `vlb_bpd_beta_tilde`), from the same network evaluations.
+    """
+    learned = exp.score_model.learn_variance
+    variances = ("learned",) if learned else chain_lib.FIXED_VARIANCES
+    cache_key = ("variational_bound", mesh)
+    if cache_key not in exp.cache:
+        exp.cache[cache_key] = make_variational_bound(exp, mesh, variances)
+    bound_fn = exp.cache[cache_key]
+    e = exp.eval
+    bs, n = e.batch_size, len(exp.dataset.eval)
+    count = n if e.bpd_num_batches <= 0 else min(n, e.bpd_num_batches * bs)
+    print(f"variational bound of {count} eval examples over the {exp.sde.N} levels of the "
+          f"chain; set eval.enable_vlb=False to skip", flush=True)
+    key = exp.key("variational_bound")
+    totals: dict[str, list] = {}
+    batches = [np.arange(i, min(i + bs, count)) for i in range(0, count, bs)]
+    for positions in progress(iter(batches), count, bs, "bound examples"):
+        padded = np.pad(positions, (0, bs - len(positions)), mode="edge")
+        x = data_lib.examples_at(exp.dataset, "eval", padded, seed=exp.seed,
+                                 centered=exp.data.centered)["x"]
+        batch = {"x": x, "index": padded.astype(np.int32)}
+        out = bound_fn(params, key, jax.tree.map(lambda a: global_batch(a, mesh), batch))
+        for name, value in out.items():
+            totals.setdefault(name, []).append(to_host(value)[:len(positions)])
+    nats = {name: np.concatenate(v).astype(np.float64) for name, v in totals.items()}
+    if not all(np.all(np.isfinite(v)) for v in nats.values()):
+        raise FloatingPointError("The variational bound is not finite (a diverging model?).")
+    image = exp.dataset.is_image
+    scale = 1.0 / (math.prod(exp.dataset.data_shape) * math.log(2.0)) if image else 1.0
+    unit = "bpd" if image else "nll"
+    chosen = "learned" if learned else exp.eval.vlb_variance
+    record = {f"vlb_{unit}": float(nats[chosen].mean() * scale),
+              f"vlb_{unit}_std_err": float(nats[chosen].std() * scale / math.sqrt(count)),
+              f"vlb_prior_{unit}": float(nats["prior"].mean() * scale),
+              f"vlb_decoder_{unit}": float(nats["decoder_" + chosen].mean() * scale),
+              "vlb_examples": count}
+    if not learned:
+        record.update({f"vlb_{unit}_{v}": float(nats[v].mean() * scale)
+                       for v in chain_lib.FIXED_VARIANCES})
+    return record
 
 
 # --------------------------------------------------------------------------- sample quality

@@ -29,6 +29,7 @@ import jax
 import ml_collections
 import optax
 
+from diffusion import chain as chain_lib
 from diffusion import data as data_lib
 from diffusion import losses, models
 from diffusion import sde as sde_lib
@@ -87,6 +88,8 @@ class EvalSettings:
     batch_size: int
     num_batches: int
     enable_bpd: bool
+    enable_vlb: bool
+    vlb_variance: str          # a fixed-variance model's Sigma in vlb_bpd (sampling.variance)
     bpd_num_batches: int
     bpd_num_repeats: int
     bpd_divergence: str
@@ -158,6 +161,10 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False,
     for note in check_config(config):
         print(f"note: {note}", flush=True)
     t, m, d = config.training, config.model, config.data
+    sampling = sampling_settings(config.sampling)
+    task_reads_data = sampling.guide.task != "none" and sampling.guide.task_input == "eval"
+    shape_only = shape_only_data or (for_sampling and not task_reads_data)
+    dataset = data_lib.load_dataset(**dataset_args(config), shape_only=shape_only)
     if m.name == "classifier":
         score_model, net, sde = None, network_of(config), sde_lib.get_sde(**config.sde)
         loss_fn = losses.make_classifier_loss(sde, net, eps=t.eps)
@@ -170,15 +177,13 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False,
             loss=t.loss, continuous=t.continuous, reduce_mean=t.reduce_mean,
             likelihood_weighting=t.likelihood_weighting, eps=t.eps, t_sampling=t.t_sampling,
             logit_mean=t.logit_mean, logit_std=t.logit_std, p_mean=t.p_mean, p_std=t.p_std,
-            sigma_data=d.sigma_data)
+            sigma_data=d.sigma_data, decoder=decoder_of(dataset, d.centered),
+            vlb_weight=t.get("vlb_weight", 0.001),
+            importance_sampling=t.get("importance_sampling", True))
     if score_model is not None and m.get("num_classes") is not None:
         loss_fn = losses.with_label_dropout(loss_fn, m.label_dropout, m.num_classes)
     o = config.optim
     tx = create_optimizer(o.lr, o.warmup, o.grad_clip, o.beta1, o.beta2, o.eps, o.weight_decay)
-    sampling = sampling_settings(config.sampling)
-    task_reads_data = sampling.guide.task != "none" and sampling.guide.task_input == "eval"
-    shape_only = shape_only_data or (for_sampling and not task_reads_data)
-    dataset = data_lib.load_dataset(**dataset_args(config), shape_only=shape_only)
     if m.get("num_classes") is not None and (dataset.num_classes or 1) > m.num_classes:
         raise ValueError(f"Dataset {d.dataset!r} has labels 0..{dataset.num_classes - 1}, but "
                          f"model.num_classes={m.num_classes}: labels out of range would share "
@@ -198,6 +203,14 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False,
                             m.ema_rate, m.ema_warmup, t.get("unroll", "auto")),
         sampling=sampling, eval=_eval_settings(config), classifier=classifier,
         description=description, config_json=config.to_json_best_effort(indent=2))
+
+
+def decoder_of(dataset: data_lib.Dataset, centered: bool) -> chain_lib.Decoder:
+    """The variational bound's decoder for a dataset: discretized on its pixel levels (in
+    [-1, 1], or [0, 1] when not centered), the Gaussian density for points."""
+    if not dataset.is_image:
+        return chain_lib.Decoder()
+    return chain_lib.Decoder(dataset.num_levels, -1.0 if centered else 0.0, 1.0)
 
 
 def classifier_experiment(workdir: str) -> Experiment:
@@ -229,7 +242,8 @@ def score_model_of(config: ml_collections.ConfigDict) -> models.ScoreModel:
         network_of(config), sde_lib.get_sde(**config.sde), m.parameterization, m.noise_input,
         m.scale_input, scale_by_sigma=m.get("scale_by_sigma", False),
         center_input=not config.data.centered, continuous=config.training.continuous,
-        sigma_data=config.data.get("sigma_data", 0.5))
+        sigma_data=config.data.get("sigma_data", 0.5),
+        learn_variance=m.get("learn_variance", False))
 
 
 def dataset_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -244,7 +258,7 @@ def dataset_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def sampling_settings(s: ml_collections.ConfigDict) -> SamplingSettings:
     """The sampler of a config's `sampling` block and its keyword arguments.
 
-    `steps` = 0 keeps each sampler's default (pc: sde.N; ddim 50, dpm_solver 20, edm 18; the
+    `steps` = 0 keeps each sampler's default (pc, ddpm: sde.N; ddim 50, dpm_solver 20, edm 18; the
     adaptive ODE solver takes no step count). `noise_removal` is each sampler's `denoise`.
     Config strings "none" / "" mean no predictor / corrector (score_sde's convention).
     """
@@ -273,7 +287,8 @@ def _eval_settings(config: ml_collections.ConfigDict) -> EvalSettings:
     crop = f"_crop{d.crop_size}" if d.crop_size else ""
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{d.dataset}_{stored}{crop}")
     return EvalSettings(
-        e.batch_size, e.num_batches, e.enable_bpd, e.bpd_num_batches, e.bpd_num_repeats,
+        e.batch_size, e.num_batches, e.enable_bpd, e.get("enable_vlb", True),
+        config.sampling.get("variance", "beta"), e.bpd_num_batches, e.bpd_num_repeats,
         e.bpd_divergence, e.likelihood_eps, e.likelihood_rtol, e.likelihood_atol, e.enable_fid,
         e.fid_num_samples, e.fid_batch_size, e.fid_ref_split, e.fid_ref_max_examples, tag,
         e.fid_stats_dir, e.inception_weights, e.kid_subsets, e.kid_subset_size, e.is_splits)

@@ -33,18 +33,20 @@ call its `at_level`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from diffusion import chain as chain_lib
 from diffusion import rng
 from diffusion.models.parameterization import time_conditioning
 from diffusion.sde import SDE, VESDE, batch_broadcast, data_prediction
 
 Array = jax.Array
 LossFn = Callable[[dict, dict, Array], Array]
-LOSSES = ("dsm", "flow_matching", "edm")
+LOSSES = ("dsm", "flow_matching", "edm", "hybrid", "vlb")
 T_SAMPLINGS = ("uniform", "logit_normal")
 
 
@@ -232,6 +234,71 @@ def make_smld_loss(sde: SDE, score_model: Callable, *, reduce_mean: bool = False
     return loss_fn
 
 
+def draw_levels(key: Array, batch: int, num_levels: int, probs: Array | None = None) -> Array:
+    """The (B,) levels the discrete losses draw from per-example keys (or one key): uniform on
+    0 .. N - 1, or from `probs` (N,) by the inverse CDF of the example's u (importance
+    sampling; `diffusion.importance`)."""
+    keys = rng.per_example(key, batch)
+    u = jax.vmap(jax.random.uniform)(rng.fold_in(keys, rng.TIME))
+    if probs is None:
+        return jnp.minimum(jnp.floor(u * num_levels), num_levels - 1).astype(jnp.int32)
+    cdf = jnp.cumsum(probs)
+    return jnp.minimum(jnp.searchsorted(cdf, u * cdf[-1], side="right"),
+                       num_levels - 1).astype(jnp.int32)
+
+
+def make_vlb_loss(sde: SDE, score_model: Callable, *, loss: str = "hybrid",
+                  reduce_mean: bool = True, decoder: chain_lib.Decoder = chain_lib.Decoder(),
+                  vlb_weight: float = 0.001, importance_sampling: bool = True) -> LossFn:
+    """Improved DDPM's losses (Nichol & Dhariwal 2021) on the discrete chain of a VP, cosine or
+    VE SDE, for a model with a learned variance (`ScoreModel.learn_variance`).
+
+    i ~ U{0 .. N-1}, x_i = a_i x_0 + s_i z, and with L_i the bound's term at level i in bits
+    (`chain.vlb_term`: a KL for i >= 1, the decoder's NLL for i = 0), reduced over dimensions
+    (mean: bits/dim, else half the sum):
+      "hybrid"  L_simple + vlb_weight N L_i  (their eq. 16 with lambda = 0.001: L_simple is
+                || s_i score + z ||^2, the epsilon MSE; L_i sees the mean with a stop-gradient,
+                so it trains the variance only, sec. 3.1)
+      "vlb"     N L_i, an unbiased estimate of the whole bound but the prior term; with
+                `importance_sampling` the train step passes level_probs (N,) (`importance`) and
+                the estimate is weighted by 1 / (N p_i) (sec. 3.3), still unbiased.
+    The loss function takes an optional `level_probs=None` (uniform levels) and carries
+    `importance_sampled` and `num_levels` attributes for the train step.
+    """
+    if loss not in ("hybrid", "vlb"):
+        raise ValueError(f"make_vlb_loss makes 'hybrid' or 'vlb', got {loss!r}.")
+    chain = chain_lib.make_chain(sde)
+    _check_discrete_model(score_model, loss)
+    if not getattr(score_model, "learn_variance", False):
+        raise ValueError(f"training.loss={loss!r} trains the reverse kernel's variance: set "
+                         f"model.learn_variance=True (or use training.loss='dsm' with "
+                         f"training.continuous=False, DDPM's L_simple).")
+    n = len(chain)
+
+    def loss_fn(params, batch, key, level_probs=None):
+        x0 = batch["x"]
+        z, _, dropout_rng = _draw(key, x0)
+        i = draw_levels(key, x0.shape[0], n, level_probs)
+        alpha, sigma = (batch_broadcast(chain.table(c)[i], x0) for c in ("alpha", "sigma"))
+        xt = alpha * x0 + sigma * z
+        score, v = score_model.at_level_with_variance(params, xt, i, y=batch.get("label"),
+                                                      train=True, rng=dropout_rng)
+        mean_score = jax.lax.stop_gradient(score) if loss == "hybrid" else score
+        mean = chain.reverse_mean(xt, mean_score, i)
+        bits = chain_lib.vlb_term(chain, decoder, x0, xt, i, mean,
+                                  chain.log_variance(i, v)) / math.log(2.0)
+        term = n * _reduce(bits, reduce_mean)
+        if loss == "hybrid":
+            return _reduce((sigma * score + z) ** 2, reduce_mean) + vlb_weight * term
+        if level_probs is not None:
+            term = term / (n * level_probs[i])
+        return term
+
+    loss_fn.importance_sampled = loss == "vlb" and importance_sampling
+    loss_fn.num_levels = n
+    return loss_fn
+
+
 def with_label_dropout(loss_fn: LossFn, p: float, null_label: int) -> LossFn:
     """Training for classifier-free guidance (Ho & Salimans 2022): each example's label is
     replaced by the null label (`null_label` = model.num_classes) with probability p, so that one
@@ -240,12 +307,13 @@ def with_label_dropout(loss_fn: LossFn, p: float, null_label: int) -> LossFn:
     if p == 0:
         return loss_fn
 
-    def dropped(params, batch, key):
+    def dropped(params, batch, key, **options):
         keys = rng.per_example(key, batch["x"].shape[0])
         drop = jax.vmap(lambda k: jax.random.bernoulli(k, p))(rng.fold_in(keys, rng.LABEL_DROPOUT))
         labels = jnp.where(drop, null_label, batch["label"]).astype(batch["label"].dtype)
-        return loss_fn(params, dict(batch, label=labels), keys)
+        return loss_fn(params, dict(batch, label=labels), keys, **options)
 
+    dropped.__dict__.update(getattr(loss_fn, "__dict__", {}))   # importance_sampled, num_levels
     return dropped
 
 
@@ -285,11 +353,20 @@ def get_loss_fn(sde: SDE, score_model: Callable, *, loss: str = "dsm", continuou
                 reduce_mean: bool = True, likelihood_weighting: bool = False,
                 eps: float = 1e-5, **options) -> LossFn:
     """The loss called `loss` (one of LOSSES). "dsm" is the loss score_sde would train with:
-    DSM if `continuous`, else DDPM (VP) or SMLD (VE). `options` are those of
-    `make_flow_matching_loss` (t_sampling, logit_mean, logit_std) or `make_edm_loss` (p_mean,
-    p_std, sigma_data); an option of another loss is ignored."""
+    DSM if `continuous`, else DDPM (VP) or SMLD (VE). "hybrid" and "vlb" are Improved DDPM's
+    (`make_vlb_loss`; discrete, learned variance). `options` are those of
+    `make_flow_matching_loss` (t_sampling, logit_mean, logit_std), `make_edm_loss` (p_mean,
+    p_std, sigma_data) or `make_vlb_loss` (decoder, vlb_weight, importance_sampling); an option
+    of another loss is ignored."""
     if loss not in LOSSES:
         raise ValueError(f"Unknown loss {loss!r}: training.loss must be one of {list(LOSSES)}.")
+    if loss in ("hybrid", "vlb"):
+        if continuous:
+            raise ValueError(f"training.loss={loss!r} is a loss of the discrete chain: set "
+                             f"training.continuous=False.")
+        keys = ("decoder", "vlb_weight", "importance_sampling")
+        return make_vlb_loss(sde, score_model, loss=loss, reduce_mean=reduce_mean,
+                             **{k: v for k, v in options.items() if k in keys})
     if loss != "dsm" or likelihood_weighting:
         if not continuous:
             what = f"training.loss={loss!r}" if loss != "dsm" else "training.likelihood_weighting"

@@ -185,6 +185,22 @@ class ScoreWithVelocity:
         return self.score(x, t)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreWithVariance:
+    """A score function of a model with a learned variance (`ScoreModel.learn_variance`).
+
+    Called as `score_fn(x, t)`, it is the score; `with_variance(x, t)` gives (score, v) from one
+    network evaluation, v in [0, 1] like x the fraction with which the reverse kernel of a
+    discrete chain interpolates log beta and log beta~ (`diffusion.chain`; the DDPM sampler).
+    """
+
+    score: ScoreFn
+    with_variance: Callable[[Array, Array], tuple[Array, Array]]
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        return self.score(x, t)
+
+
 def data_prediction(x: Array, score: Array, alpha: Array, sigma: Array) -> Array:
     """The denoiser of a score: D = (x + sigma^2 score) / alpha, shaped like x (B, ...).
 

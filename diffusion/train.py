@@ -29,7 +29,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from diffusion import checkpointing, losses
+from diffusion import checkpointing, importance, losses
 from diffusion import data as data_lib
 from diffusion.evaluate import eval_loss
 from diffusion.evaluate import evaluate as evaluate
@@ -84,8 +84,12 @@ def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, e
     `lax.scan` (one traced step; see below for why not on XLA:CPU). Both give the same state.
     Gradients and metrics are averaged over `axis_name` with `lax.pmean`. The noise of example j
     of this device in step s comes from fold_in(fold_in(key, s), axis_index * b + j).
-    Returns metrics {"loss", "grad_norm"}, each (n_jitted_steps,).
+    Returns metrics {"loss", "grad_norm"}, each (n_jitted_steps,). An importance-sampled loss
+    (`losses.make_vlb_loss`) draws its levels from the history in `state.loss_state`, which
+    every device then updates with the global batch's losses (`diffusion.importance`).
     """
+
+    importance_sampled = getattr(loss_fn, "importance_sampled", False)
 
     def device_step(state: TrainState, batch, key):
         def one_step(state: TrainState, batch):
@@ -94,18 +98,32 @@ def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, e
             step_key = jax.random.fold_in(key, state.step)
             keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(example_ids)
 
-            def mean_loss(params):
-                return jnp.mean(loss_fn(params, batch, keys))
+            probs = None
+            if importance_sampled:
+                probs = importance.level_probs(state.loss_state)
 
-            loss, grads = jax.value_and_grad(mean_loss)(state.params)
+            def mean_loss(params):
+                per_example = (loss_fn(params, batch, keys, level_probs=probs) if importance_sampled
+                               else loss_fn(params, batch, keys))
+                return jnp.mean(per_example), per_example
+
+            (loss, per_example), grads = jax.value_and_grad(mean_loss, has_aux=True)(
+                state.params)
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
+            loss_state = state.loss_state
+            if importance_sampled:
+                # The unweighted losses N L_i of the whole global batch, in global order.
+                levels = losses.draw_levels(keys, b, loss_fn.num_levels, probs)
+                seen = per_example * loss_fn.num_levels * probs[levels]
+                levels, seen = jax.lax.all_gather((levels, seen), axis_name, tiled=True)
+                loss_state = importance.update_history(loss_state, levels, seen)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             decay = ema_decay(ema_rate, state.step + 1, ema_warmup)
             ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                                       state.ema_params, params)
             new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
-                                   opt_state=opt_state)
+                                   opt_state=opt_state, loss_state=loss_state)
             return new_state, {"loss": loss, "grad_norm": _global_norm(grads)}
 
         # XLA:CPU runs the weight-gradient convolutions of a U-Net inside a while loop ~40x

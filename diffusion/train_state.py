@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion import checkpointing
+from diffusion import checkpointing, importance
 from diffusion.models import layers
 
 
@@ -43,27 +43,39 @@ def create_optimizer(lr: float, warmup: int = 0, grad_clip: float = -1.0, beta1:
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a checkpoint holds. step counts optimizer updates done."""
+    """Everything a checkpoint holds. step counts optimizer updates done. loss_state is the
+    loss's own state (the level history of an importance-sampled "vlb" loss,
+    `diffusion.importance`), None for every other loss."""
 
     step: jax.Array
     params: Any
     ema_params: Any
     opt_state: Any
+    loss_state: Any = None
 
 
 def create_train_state(key: jax.Array, net, tx: optax.GradientTransformation,
-                       example_x: jax.Array, example_y: jax.Array | None = None) -> TrainState:
+                       example_x: jax.Array, example_y: jax.Array | None = None,
+                       loss_state: Any = None) -> TrainState:
     """Initialises the network on an example batch; EMA params start equal to params."""
     t = jnp.ones((example_x.shape[0],), example_x.dtype)
     params = net.init(key, example_x, t, y=example_y, train=False)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=tx.init(params))
+                      opt_state=tx.init(params), loss_state=loss_state)
+
+
+def initial_loss_state(loss_fn) -> Any:
+    """The fresh loss state of `loss_fn`: an empty level history if it is importance sampled."""
+    if getattr(loss_fn, "importance_sampled", False):
+        return importance.init_history(loss_fn.num_levels)
+    return None
 
 
 def _create(exp) -> functools.partial:
     x = jnp.zeros((1, *exp.dataset.data_shape), jnp.float32)
     y = jnp.zeros((1,), jnp.int32) if exp.conditional else None
-    return functools.partial(create_train_state, net=exp.net, tx=exp.tx, example_x=x, example_y=y)
+    return functools.partial(create_train_state, net=exp.net, tx=exp.tx, example_x=x, example_y=y,
+                             loss_state=initial_loss_state(exp.loss_fn))
 
 
 def abstract_train_state(exp, mesh: Mesh) -> TrainState:

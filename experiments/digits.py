@@ -28,6 +28,11 @@ same network, steps and optimiser, only the process, parameterisation and loss c
   :v     the VP SDE with v-prediction (Salimans & Ho 2022), trained by the same DSM loss
   :edm   EDM (Karras et al. 2022): x_t = x_0 + sigma z (VE, sigma 0.002 .. 80), its
          preconditioning and loss (sigma_data 0.75, the digits' std)
+The discrete chain (docs/iddpm.md; Ho et al. 2020, Nichol & Dhariwal 2021), on the same VP SDE's
+1,000-level DDPM chain, sampled by the DDPM sampler (respaced with --config.sampling.steps=K):
+  :ddpm    L_simple (epsilon MSE at discrete levels), fixed variance
+  :hybrid  learned variances, L_simple + 0.001 L_vlb
+  :vlb     learned variances, the variational bound itself, importance-sampled levels
 Variants combine with a comma: --config experiments/digits.py:flow,smoke.
 
 Smoke variant (seconds on a CPU, used by the tests): --config experiments/digits.py:smoke
@@ -118,4 +123,21 @@ def _edm(config):
     config.data.sigma_data = 0.75         # the std of the digits in [-1, 1]
 
 
-PROCESSES = {"flow": _flow, "v": _v, "edm": _edm}
+def _ddpm(config):
+    config.training.continuous = False    # DDPM's L_simple on the 1,000-level chain
+    config.sampling.method = "ddpm"
+
+
+def _hybrid(config):
+    _ddpm(config)
+    config.model.learn_variance = True
+    config.training.loss = "hybrid"
+
+
+def _vlb(config):
+    _ddpm(config)
+    config.model.learn_variance = True
+    config.training.loss = "vlb"
+
+
+PROCESSES = {"flow": _flow, "v": _v, "edm": _edm, "ddpm": _ddpm, "hybrid": _hybrid, "vlb": _vlb}

@@ -46,7 +46,7 @@ NETWORKS = {**MODELS, **CLASSIFIERS}
 
 # config.model keys that are not network fields: read by the score model and the training loop.
 SHARED_KEYS = ("name", "ema_rate", "ema_warmup", "parameterization", "noise_input", "scale_input",
-               "scale_by_sigma", "label_dropout")
+               "scale_by_sigma", "label_dropout", "learn_variance")
 # Network fields with a shared default in every config (diffusion/defaults.py), passed to the
 # networks that have them; `config_checks.check_config` refuses a changed value for one that
 # does not.
@@ -64,7 +64,8 @@ def build_network(name: str, fields: Mapping[str, Any]) -> nn.Module:
 
     Every key is one of SHARED_KEYS, one of OPTIONAL_FIELDS or a field of the chosen class; any
     other key (a misspelt field, or one of another network) is a ValueError naming it and the
-    valid fields. Lists become tuples.
+    valid fields. Lists become tuples. model.learn_variance sets the network's learn_sigma
+    (twice the output channels).
     """
     if name not in NETWORKS:
         raise ValueError(f"Unknown model {name!r}: config.model.name must be one of "
@@ -76,8 +77,16 @@ def build_network(name: str, fields: Mapping[str, Any]) -> nn.Module:
         raise ValueError(f"config.model has keys that network {name!r} ({cls.__name__}) does not "
                          f"take: {unknown}. Its fields are {sorted(valid)}; the shared keys "
                          f"are {list(SHARED_KEYS)}.")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v
-                  for k, v in fields.items() if k in valid})
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in valid}
+    if fields.get("learn_sigma") and not fields.get("learn_variance"):
+        raise ValueError("Set model.learn_variance=True (not the network field learn_sigma): the "
+                         "score model must know that half of the output is a variance.")
+    if fields.get("learn_variance"):
+        if "learn_sigma" not in valid:
+            raise ValueError(f"model.learn_variance needs a network with a variance output; "
+                             f"{name!r} ({cls.__name__}) has none.")
+        kwargs["learn_sigma"] = True
+    return cls(**kwargs)
 
 
 def get_model(config) -> nn.Module:

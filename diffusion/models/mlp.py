@@ -42,6 +42,7 @@ class MLP(nn.Module):
       num_classes: if set, y (B,) int labels in [0, num_classes] (num_classes = null label) are
         embedded and added to (every_layer) or concatenated with (input) the noise embedding;
         if None, y is ignored.
+      learn_sigma: output 2D values, the second D a learned variance (`ScoreModel`).
     """
 
     hidden: int = 256
@@ -52,10 +53,11 @@ class MLP(nn.Module):
     embed_at: str = "every_layer"
     activation: str = "silu"
     num_classes: int | None = None
+    learn_sigma: bool = False
 
     @nn.compact
     def __call__(self, x: Array, t: Array, y: Array | None = None, train: bool = False) -> Array:
-        """x (B, D), t (B,) noise conditioning, y (B,) int labels or None -> (B, D).
+        """x (B, D), t (B,) noise conditioning, y (B,) int labels or None -> (B, D) (2D with learn_sigma).
 
         `train` is accepted for a uniform interface; the MLP has no dropout.
         """
@@ -65,6 +67,7 @@ class MLP(nn.Module):
             raise ValueError(f"Unknown activation {self.activation!r}: must be one of "
                              f"{sorted(ACTIVATIONS)}.")
         act = ACTIVATIONS[self.activation]
+        out_dim = x.shape[-1] * (2 if self.learn_sigma else 1)
         emb = noise_embedding(self.embedding, t, self.embed_dim, self.fourier_scale)
         emb = emb.astype(x.dtype)           # formed in float32, then the network's dtype
         if self.embed_at == "input":
@@ -74,7 +77,7 @@ class MLP(nn.Module):
             h = jnp.concatenate(parts, axis=-1)
             for _ in range(self.n_layers):
                 h = act(nn.Dense(self.hidden, kernel_init=default_init())(h))
-            return nn.Dense(x.shape[-1], kernel_init=default_init(0.0))(h)
+            return nn.Dense(out_dim, kernel_init=default_init(0.0))(h)
         emb = act(nn.Dense(self.hidden, kernel_init=default_init())(emb))
         if self.num_classes is not None:
             emb = emb + label_embedding(y, self.num_classes, self.hidden, x.shape[0])
@@ -84,7 +87,7 @@ class MLP(nn.Module):
         for layer in range(self.n_layers):
             h = nn.Dense(self.hidden, kernel_init=default_init())(h)
             h = act(h + cond[:, layer * self.hidden:(layer + 1) * self.hidden])
-        return nn.Dense(x.shape[-1], kernel_init=default_init(0.0))(h)
+        return nn.Dense(out_dim, kernel_init=default_init(0.0))(h)
 
 
 EMBED_AT = ("every_layer", "input")

@@ -230,6 +230,7 @@ class NCSNpp(nn.Module):
       remat: recompute each residual / attention block's activations in the backward pass
         (`layers.rematerialized`): less memory for about one more forward pass; the parameters
         are the same with or without it.
+      learn_sigma: 2C output channels, the second C a learned variance (`ScoreModel`).
 
     The network computes in the dtype of x (float32, or bfloat16 under mixed precision, see
     `parameterization.make_score_model`); the noise embedding is formed in float32 first.
@@ -254,10 +255,12 @@ class NCSNpp(nn.Module):
     conditional: bool = True
     num_classes: int | None = None
     remat: bool = False
+    learn_sigma: bool = False
 
     @nn.compact
     def __call__(self, x: Array, t: Array, y: Array | None = None, train: bool = False) -> Array:
-        """x (B, H, W, C), t (B,) noise conditioning, y (B,) int labels or None -> (B, H, W, C).
+        """x (B, H, W, C), t (B,) noise conditioning, y (B,) int labels or None -> (B, H, W, C)
+        ((B, H, W, 2C) with learn_sigma).
 
         H and W must be divisible by 2 ** (len(ch_mult) - 1).
         """
@@ -338,6 +341,7 @@ class NCSNpp(nn.Module):
         h = resnet(h)
 
         # Up path.
+        out_channels = x.shape[-1] * (2 if self.learn_sigma else 1)
         pyramid = None
         for level in reversed(range(num_levels)):
             for _ in range(self.num_res_blocks + 1):
@@ -346,7 +350,7 @@ class NCSNpp(nn.Module):
                 h = attend(h)
 
             if self.progressive == "output_skip":
-                out = conv3x3(x.shape[-1], init_scale=self.init_scale)(nn.silu(group_norm(h)))
+                out = conv3x3(out_channels, init_scale=self.init_scale)(nn.silu(group_norm(h)))
                 if pyramid is None:
                     pyramid = out
                 else:
@@ -368,7 +372,7 @@ class NCSNpp(nn.Module):
         if self.progressive == "output_skip":
             return pyramid
         h = nn.silu(group_norm(h))
-        return conv3x3(x.shape[-1], init_scale=self.init_scale)(h)
+        return conv3x3(out_channels, init_scale=self.init_scale)(h)
 
     def _check(self, x: Array) -> None:
         for value, allowed, key in ((self.resblock_type, RESBLOCK_TYPES, "resblock_type"),

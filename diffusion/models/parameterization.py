@@ -49,6 +49,12 @@ Network input:
                 off in the paper configs. It assumes data centred at 0, so it cannot be combined
                 with center_input.
 
+Learned variances (`learn_variance=True`, Nichol & Dhariwal 2021, eq. 15): the network outputs
+twice the data's channels; the first half is the output F above, the second half r in [-1, 1]
+gives v = (r + 1) / 2, with which a discrete chain's reverse kernel interpolates its log
+variance between log beta_t and log beta~_t (`diffusion.chain`). The score (every sampler, the
+likelihood) uses the first half; `score_and_variance` / `at_level_with_variance` give both.
+
 Mixed precision (`compute_dtype="bfloat16"`): the float32 parameters and the network input are cast
 to bfloat16 for the network's forward pass, whose output is cast back to float32 before it becomes
 a score; the noise conditioning c_noise stays float32 (999 t in bfloat16 would be rounded to
@@ -70,6 +76,7 @@ import jax.numpy as jnp
 
 from diffusion.models.layers import is_untrained
 from diffusion.sde import SDE, ScoreWithVelocity, _discrete_index, batch_broadcast
+from diffusion.sde_base import ScoreWithVariance
 
 Array = jax.Array
 
@@ -145,6 +152,7 @@ class ScoreModel:
     center_input: bool = False
     continuous: bool = True
     sigma_data: float = 0.5
+    learn_variance: bool = False
 
     def __post_init__(self):
         if self.parameterization not in _OUTPUT_TO_SCORE:
@@ -179,6 +187,11 @@ class ScoreModel:
                              f"on the levels of the SDE's discrete chain; "
                              f"{type(self.sde).__name__} has none (DDPM: vpsde / cosine_vpsde; "
                              f"SMLD: vesde). Use training.continuous=True.")
+
+        if self.learn_variance and (self.continuous or self.parameterization in ("v", "edm")):
+            raise ValueError("model.learn_variance learns the variance of a discrete chain's "
+                             "reverse kernel: it needs training.continuous=False (and the "
+                             "score / epsilon / x0 parameterization).")
 
     @property
     def _ve_chain(self) -> bool:
@@ -218,6 +231,28 @@ class ScoreModel:
         """The score at discrete level i (B,) int of the SDE's chain (discrete training)."""
         return self.score(params, x, *self.level_conditioning(i), y=y, train=train, rng=rng)
 
+    def with_variance(self, params, x: Array, t: Array, *, y: Array | None = None
+                      ) -> tuple[Array, Array]:
+        """(score, v) at times t (B,) in evaluation mode: v in [0, 1] like x, the learned
+        variance fraction (`learn_variance` models only)."""
+        return self.score_and_variance(params, x, *self.conditioning(t), y=y)
+
+    def at_level_with_variance(self, params, x: Array, i: Array, *, y: Array | None = None,
+                               train: bool = False, rng: Array | None = None
+                               ) -> tuple[Array, Array]:
+        """(score, v) at discrete levels i (B,) int (the hybrid / vlb losses)."""
+        return self.score_and_variance(params, x, *self.level_conditioning(i), y=y, train=train,
+                                       rng=rng)
+
+    def score_and_variance(self, params, x: Array, alpha: Array, sigma: Array, c_noise: Array, *,
+                           y: Array | None = None, train: bool = False,
+                           rng: Array | None = None) -> tuple[Array, Array]:
+        """The score and the learned variance fraction v = (r + 1) / 2, both like x."""
+        if not self.learn_variance:
+            raise ValueError("This model has a fixed variance (model.learn_variance=False).")
+        out, r = self._raw_output(params, x, alpha, sigma, c_noise, y=y, train=train, rng=rng)
+        return self._to_score(out, x, alpha, sigma, None), 0.5 * (r + 1.0)
+
     @property
     def has_velocity(self) -> bool:
         """Whether `velocity` is available: a continuous-time "v" model, whose output is the
@@ -242,6 +277,9 @@ class ScoreModel:
         """The score of x (B, ...) given the (B,) coefficients and noise conditioning (and the
         rates alpha'(t), sigma'(t) (B,) for the "v" parameterization)."""
         out = self.output(params, x, alpha, sigma, c_noise, y=y, train=train, rng=rng)
+        return self._to_score(out, x, alpha, sigma, rates)
+
+    def _to_score(self, out, x, alpha, sigma, rates):
         sigma_x = batch_broadcast(sigma.astype(x.dtype), x)
         d_alpha, d_sigma = (None, None) if rates is None else (
             batch_broadcast(r.astype(x.dtype), x) for r in rates)
@@ -252,7 +290,13 @@ class ScoreModel:
     def output(self, params, x: Array, alpha: Array, sigma: Array, c_noise: Array, *,
                y: Array | None = None, train: bool = False, rng: Array | None = None) -> Array:
         """The network's output F for x (B, ...) (in x's dtype, divided by sigma with
-        scale_by_sigma), from its input as the module docstring gives it."""
+        scale_by_sigma), from its input as the module docstring gives it; with learn_variance
+        its first half."""
+        return self._raw_output(params, x, alpha, sigma, c_noise, y=y, train=train, rng=rng)[0]
+
+    def _raw_output(self, params, x, alpha, sigma, c_noise, *, y=None, train=False, rng=None
+                    ) -> tuple[Array, Array | None]:
+        """(F, r): F as `output`, r the variance half of a learn_variance network (else None)."""
         net_x = x
         if self.center_input:
             net_x = 2.0 * x - 1.0
@@ -268,9 +312,12 @@ class ScoreModel:
         out = self.net.apply({"params": params}, net_x, c_noise, y=y,
                              train=train, rngs={} if rng is None else {"dropout": rng})
         out = out.astype(x.dtype)
+        r = None
+        if self.learn_variance:
+            out, r = jnp.split(out, 2, axis=-1)
         if self.scale_by_sigma:
             out = out / batch_broadcast(sigma.astype(x.dtype), x)
-        return out
+        return out, r
 
 
 def make_score_model(net: nn.Module, sde: SDE, parameterization: str = "epsilon",
@@ -287,7 +334,7 @@ def make_score_model(net: nn.Module, sde: SDE, parameterization: str = "epsilon"
       compute_dtype: the network's dtype, one of COMPUTE_DTYPES; "bfloat16" is mixed precision
         (see the module docstring). Parameters are float32 either way.
       options: the other `ScoreModel` fields: scale_by_sigma, center_input, continuous,
-        sigma_data (the data std of the "edm" parameterization).
+        sigma_data (the data std of the "edm" parameterization), learn_variance.
     """
     return ScoreModel(net, sde, parameterization, noise_input, scale_input, compute_dtype,
                       **options)
@@ -297,14 +344,18 @@ def score_fn_from_model(score_model: Callable, params, y: Array | None = None
                         ) -> Callable[[Array, Array], Array]:
     """The plain score_fn(x, t) -> score of `score_model` in evaluation mode (no dropout).
 
-    y, if given, are the (B,) labels every call is conditioned on. For a model that gives its
-    velocity ("v", `ScoreModel.has_velocity`) it is a `sde.ScoreWithVelocity`, whose
+    y, if given, are the (B,) labels every call is conditioned on. For a model with a learned
+    variance it is a `sde_base.ScoreWithVariance` (the DDPM sampler uses the variance). For a
+    model that gives its velocity ("v", `ScoreModel.has_velocity`) it is a `sde.ScoreWithVelocity`, whose
     `velocity(x, t)` the probability-flow ODE follows.
     """
 
     def score_fn(x: Array, t: Array) -> Array:
         return score_model(params, x, t, y=y, train=False)
 
+    if getattr(score_model, "learn_variance", False):
+        return ScoreWithVariance(score_fn, lambda x, t: score_model.with_variance(params, x, t,
+                                                                                   y=y))
     if getattr(score_model, "has_velocity", False):
         return ScoreWithVelocity(score_fn, lambda x, t: score_model.velocity(params, x, t, y=y))
     return score_fn

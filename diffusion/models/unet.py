@@ -52,6 +52,8 @@ class UNet(nn.Module):
         plain nearest upsampling.
       remat: recompute each ResNet / attention block's activations in the backward pass
         (`layers.rematerialized`): less memory, about one more forward pass; same parameters.
+      learn_sigma: 2C output channels, the second C a learned variance (Nichol & Dhariwal 2021;
+        `parameterization.ScoreModel`).
 
     The network computes in the dtype of x (float32, or bfloat16 under mixed precision, see
     `parameterization.make_score_model`); the noise embedding is formed in float32 first.
@@ -68,10 +70,12 @@ class UNet(nn.Module):
     skip_rescale: bool = False
     resamp_with_conv: bool = True
     remat: bool = False
+    learn_sigma: bool = False
 
     @nn.compact
     def __call__(self, x: Array, t: Array, y: Array | None = None, train: bool = False) -> Array:
-        """x (B, H, W, C), t (B,) noise conditioning, y (B,) int labels or None -> (B, H, W, C).
+        """x (B, H, W, C), t (B,) noise conditioning, y (B,) int labels or None -> (B, H, W, C)
+        ((B, H, W, 2C) with learn_sigma).
 
         H and W must be divisible by 2 ** (len(ch_mult) - 1).
         """
@@ -118,4 +122,4 @@ class UNet(nn.Module):
                 h = Upsample(self.resamp_with_conv)(h)
 
         h = nn.silu(group_norm(h))
-        return conv3x3(x.shape[-1], init_scale=0.0)(h)
+        return conv3x3(x.shape[-1] * (2 if self.learn_sigma else 1), init_scale=0.0)(h)

@@ -4,8 +4,11 @@
 - `ode_sample`: the probability-flow ODE with an adaptive solver; `encode` / `decode` map data to
   latents and back (ode.py); a failed solve raises `ODESolverError` (NaN under jit).
 - `ddim_sample`, `dpm_solver_sample`, `edm_sample`: few-step solvers (solvers.py).
+- `ddpm_sample`: DDPM's ancestral sampler on the discrete chain, respaced, with learned
+  variances (ddpm.py).
 """
 
+from diffusion.sampling.ddpm import ddpm_sample as ddpm_sample
 from diffusion.sampling.ode import ODESolverError as ODESolverError
 from diffusion.sampling.ode import decode as decode
 from diffusion.sampling.ode import encode as encode

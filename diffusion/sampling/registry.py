@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from diffusion.sampling.ddpm import ddpm_sample
 from diffusion.sampling.ode import ode_sample
 from diffusion.sampling.pc import pc_sample
 from diffusion.sampling.solvers import ddim_sample, dpm_solver_sample, edm_sample
@@ -14,6 +15,7 @@ SAMPLERS: dict[str, Callable] = {
     "ddim": ddim_sample,
     "dpm_solver": dpm_solver_sample,
     "edm": edm_sample,
+    "ddpm": ddpm_sample,
 }
 
 
