@@ -16,14 +16,14 @@ complete):
   logit_mean, logit_std, p_mean, p_std, vlb_weight, importance_sampling, snapshot_sampling,
   keep_checkpoints};
   optim.{lr, warmup, grad_clip, beta1, beta2, eps, weight_decay};
-  sampling.{method, steps, spacing, variance, predictor, corrector, snr, n_steps_each, corrector_norm,
-  noise_removal, denoiser, eps, order, eta, rho, s_churn, rtol, atol, ode_solver, batch_size,
-  num_samples, labels, guidance, guidance_weight, classifier_workdir, task, task_input, mask,
-  sr_factor};
-  eval.{batch_size, num_batches, enable_bpd, enable_vlb, bpd_num_batches, bpd_num_repeats, bpd_divergence,
-  likelihood_eps, likelihood_rtol, likelihood_atol, enable_fid, fid_num_samples, fid_batch_size,
-  fid_ref_split, fid_ref_max_examples, fid_stats_dir, inception_weights, kid_subsets,
-  kid_subset_size, is_splits}.
+  sampling.{method, steps, spacing, variance, predictor, corrector, snr, n_steps_each,
+  corrector_norm, noise_removal, denoiser, eps, order, eta, rho, s_churn, rtol, atol, ode_solver,
+  batch_size, num_samples, labels, guidance, guidance_weight, classifier_workdir, task, task_input,
+  mask, sr_factor};
+  eval.{batch_size, num_batches, enable_bpd, enable_vlb, bpd_num_batches, bpd_num_repeats,
+  bpd_divergence, likelihood_eps, likelihood_rtol, likelihood_atol, enable_fid, fid_num_samples,
+  fid_batch_size, fid_ref_split, fid_ref_max_examples, fid_stats_dir, inception_weights,
+  kid_subsets, kid_subset_size, is_splits}.
 """
 
 import ml_collections

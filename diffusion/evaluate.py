@@ -22,8 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion import data as data_lib
 from diffusion import chain as chain_lib
+from diffusion import data as data_lib
 from diffusion import likelihood, metrics, rng
 from diffusion.experiment import EvalSettings, Experiment, build, decoder_of
 from diffusion.generate import draw_samples, sample_batches
@@ -111,11 +111,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Reports the eval-split loss of the EMA parameters (the score-matching objective), for a
     discrete-time model with `eval.enable_vlb` DDPM's variational bound (`vlb_bpd`,
-    `eval_variational_bound`), with `eval.enable_bpd` the likelihood of eval data through the probability-flow ODE (bits/dim for
-    images, nats per example for points; `eval_likelihood`); for images with `eval.enable_fid`
-    FID / KID / Inception Score of `eval.fid_num_samples` samples (`eval_sample_quality`); for
-    low-dimensional data the sliced Wasserstein distance and MMD between `sampling.num_samples`
-    samples (configured sampler) and the eval split. Returns the record written.
+    `eval_variational_bound`), with `eval.enable_bpd` the likelihood of eval data through the
+    probability-flow ODE (bits/dim for images, nats per example for points; `eval_likelihood`);
+    for images with `eval.enable_fid` FID / KID / Inception Score of `eval.fid_num_samples`
+    samples (`eval_sample_quality`); for low-dimensional data the sliced Wasserstein distance
+    and MMD between `sampling.num_samples` samples (configured sampler) and the eval split.
+    Returns the record written.
     """
     exp = build(config)
     mesh = data_mesh()

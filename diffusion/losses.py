@@ -248,7 +248,7 @@ def draw_levels(key: Array, batch: int, num_levels: int, probs: Array | None = N
 
 
 def make_vlb_loss(sde: SDE, score_model: Callable, *, loss: str = "hybrid",
-                  reduce_mean: bool = True, decoder: chain_lib.Decoder = chain_lib.Decoder(),
+                  reduce_mean: bool = True, decoder: chain_lib.Decoder | None = None,
                   vlb_weight: float = 0.001, importance_sampling: bool = True) -> LossFn:
     """Improved DDPM's losses (Nichol & Dhariwal 2021) on the discrete chain of a VP, cosine or
     VE SDE, for a model with a learned variance (`ScoreModel.learn_variance`).
@@ -268,6 +268,7 @@ def make_vlb_loss(sde: SDE, score_model: Callable, *, loss: str = "hybrid",
     if loss not in ("hybrid", "vlb"):
         raise ValueError(f"make_vlb_loss makes 'hybrid' or 'vlb', got {loss!r}.")
     chain = chain_lib.make_chain(sde)
+    decoder = decoder or chain_lib.Decoder()
     _check_discrete_model(score_model, loss)
     if not getattr(score_model, "learn_variance", False):
         raise ValueError(f"training.loss={loss!r} trains the reverse kernel's variance: set "

@@ -22,15 +22,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # and evaluated on tfds images run with -m slow (a minute each on 2 cores). The others repeat
 # those loops with another SDE / loss / network preset (their pieces are tested on their own) and
 # run with -m slow.
-EXPERIMENTS = [("digits", False), ("toy_2d", False),
+EXPERIMENTS = [("digits", False), ("toy_2d", False), ("digits:hybrid", False),
                pytest.param("vp_cifar", False, marks=pytest.mark.slow),
                # FID / KID of the digits smoke run (the Inception network at 299 x 299 compiles
                # for a minute on 2 cores): with the slow set, as are the 2-process FID test and
                # the other SDE / loss / network presets.
                pytest.param("digits", True, marks=pytest.mark.slow),
                *(pytest.param(name, False, marks=pytest.mark.slow)
-                 for name in ("ddpm_cifar", "ve_cifar", "subvp_cifar", "edm_cifar", "digits:flow",
-                              "digits:v", "digits:edm"))]
+                 for name in ("ddpm_cifar", "iddpm_cifar", "ve_cifar", "subvp_cifar", "edm_cifar",
+                              "digits:flow", "digits:v", "digits:edm"))]
 # Higher resolutions: their smoke variants are only trained (and checkpointed), to save time.
 TRAIN_ONLY = ["vp_celeba64", "ve_celebahq256"]
 
@@ -87,6 +87,9 @@ def test_smoke_variant_trains_samples_and_evaluates(name, fid, smoke_run, reques
         assert likelihood_key not in record
     if likelihood_key in record:   # an untrained model is far from the data, but not absurd
         assert 0.0 < record.get("bpd", 1.0) < 100.0
+    if not config.training.continuous:   # discrete models: DDPM's bound, on all N levels
+        assert 0.0 < record["vlb_prior_bpd"] < record["vlb_bpd"] < 100.0
+        assert 0.0 < record["vlb_decoder_bpd"] < record["vlb_bpd"]
     if fid:   # an untrained model's noise is far from the data in Inception space
         assert record["fid"] > 10.0 and record["kid"] > 0.0
         assert record["fid_num_samples"] == config.eval.fid_num_samples

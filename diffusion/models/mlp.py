@@ -57,7 +57,8 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, t: Array, y: Array | None = None, train: bool = False) -> Array:
-        """x (B, D), t (B,) noise conditioning, y (B,) int labels or None -> (B, D) (2D with learn_sigma).
+        """x (B, D), t (B,) noise conditioning, y (B,) int labels or None -> (B, D)
+        ((B, 2D) with learn_sigma).
 
         `train` is accepted for a uniform interface; the MLP has no dropout.
         """

@@ -346,8 +346,8 @@ def score_fn_from_model(score_model: Callable, params, y: Array | None = None
 
     y, if given, are the (B,) labels every call is conditioned on. For a model with a learned
     variance it is a `sde_base.ScoreWithVariance` (the DDPM sampler uses the variance). For a
-    model that gives its velocity ("v", `ScoreModel.has_velocity`) it is a `sde.ScoreWithVelocity`, whose
-    `velocity(x, t)` the probability-flow ODE follows.
+    model that gives its velocity ("v", `ScoreModel.has_velocity`) it is a
+    `sde.ScoreWithVelocity`, whose `velocity(x, t)` the probability-flow ODE follows.
     """
 
     def score_fn(x: Array, t: Array) -> Array:
