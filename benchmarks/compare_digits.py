@@ -170,6 +170,21 @@ def tables(path: str, names) -> None:
         print(f"| {MODELS[n][0]} | " + " | ".join(cells) + " |")
 
 
+def selected(listed: str, known: dict, runs: str, workdir=lambda name: name) -> list[str]:
+    """The comma-separated names of `listed`, each a key of `known` whose run
+    (<runs>/<workdir(name)>) has checkpoints; SystemExit saying what is wrong otherwise."""
+    names = [m for m in listed.split(",") if m]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown names {unknown}: choose from {list(known)}")
+    missing = sorted({workdir(n) for n in names
+                      if not os.path.isdir(os.path.join(runs, workdir(n), "checkpoints"))})
+    if missing:
+        raise SystemExit(f"no trained run for {missing} under {runs}: train them first "
+                         f"(see this script's docstring).")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default="runs/compare", help="folder of the four workdirs")
@@ -181,14 +196,7 @@ def main() -> None:
     parser.add_argument("--no_bpd", action="store_true", help="skip the likelihood")
     parser.add_argument("--table", action="store_true", help="only print the tables")
     args = parser.parse_args()
-    names = [m for m in args.models.split(",") if m]
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        raise SystemExit(f"unknown models {unknown}: choose from {list(MODELS)}")
-    missing = [n for n in names if not os.path.isdir(os.path.join(args.runs, n, "checkpoints"))]
-    if missing:
-        raise SystemExit(f"no trained run for {missing} under {args.runs}: train them first "
-                         f"(see this script's docstring).")
+    names = selected(args.models, MODELS, args.runs)
     path = os.path.join(args.runs, "compare_digits.jsonl")
     if not args.table:
         measure(args, names, path)

@@ -35,7 +35,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare_digits import _load, _record, _settings, fid  # noqa: E402
+from compare_digits import _load, _record, _settings, fid, selected  # noqa: E402
 
 from diffusion import evaluate, experiment  # noqa: E402
 from diffusion.parallel import data_mesh  # noqa: E402
@@ -114,15 +114,7 @@ def main() -> None:
     parser.add_argument("--no_bpd", action="store_true", help="skip the ODE likelihood")
     parser.add_argument("--table", action="store_true", help="only print the table")
     args = parser.parse_args()
-    rows = [r for r in args.rows.split(",") if r]
-    unknown = sorted(set(rows) - set(ROWS))
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}: choose from {list(ROWS)}")
-    missing = sorted({ROWS[r][1] for r in rows
-                      if not os.path.isdir(os.path.join(args.runs, ROWS[r][1], "checkpoints"))})
-    if missing:
-        raise SystemExit(f"no trained run for {missing} under {args.runs}: train them first "
-                         f"(see this script's docstring).")
+    rows = selected(args.rows, ROWS, args.runs, lambda row: ROWS[row][1])
     path = os.path.join(args.runs, "iddpm_digits.jsonl")
     if not args.table:
         measure(args, rows, path)

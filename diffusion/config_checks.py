@@ -250,6 +250,9 @@ def chain_problems(config) -> list[str]:
         problems.append("model.learn_variance=True learns the reverse kernel of the discrete "
                         "chain: it needs training.continuous=False and sde.name 'vpsde', "
                         "'cosine_vpsde' or 'vesde'")
+    elif learned and t.loss not in ("hybrid", "vlb"):
+        problems.append(f"model.learn_variance=True is trained by training.loss 'hybrid' or "
+                        f"'vlb' (training.loss={t.loss!r} would leave the variance untrained)")
     if t.loss in ("hybrid", "vlb") and not learned:
         problems.append(f"training.loss={t.loss!r} trains a learned variance: set "
                         f"model.learn_variance=True (DDPM's L_simple is training.loss='dsm' "

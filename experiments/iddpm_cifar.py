@@ -29,31 +29,17 @@ embedding is added, and discrete models see the level index 0 .. 3999. Expect a 
 parameter count: 49.1M here, where their checkpoint is named "50M".
 """
 
-from experiments import default, vp_cifar
+from experiments import ddpm_cifar, vp_cifar
 
 
 def get_config(arg: str | None = None):
-    config = default.get_default_config()
+    config = ddpm_cifar.get_config()          # CIFAR-10 in [-1, 1], flips, DDPM's U-Net, L_simple
     config.sde.name = "cosine_vpsde"
     config.sde.N = 4000
     config.sde.s = 0.008
-    config.data.dataset = "cifar10"
-    config.data.image_size = 32
-    config.data.num_channels = 3
-    config.data.centered = True
-    config.data.random_flip = True
-
-    config.model.name = "unet"
-    config.model.update(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=3, attn_resolutions=(16, 8),
-                        dropout=0.3, embedding="sinusoidal", resamp_with_conv=True)
-    config.model.parameterization = "epsilon"
+    config.model.update(num_res_blocks=3, attn_resolutions=(16, 8), dropout=0.3)
     config.model.learn_variance = True
-    config.model.ema_rate = 0.9999
-
-    config.training.continuous = False
-    config.training.loss = "hybrid"
-    config.training.reduce_mean = True        # their mean over dimensions
-    config.training.batch_size = 128
+    config.training.loss = "hybrid"           # with training.continuous=False (DDPM's)
     config.training.n_iters = 500_001
     config.optim.lr = 1e-4
     config.optim.warmup = 0
@@ -61,6 +47,7 @@ def get_config(arg: str | None = None):
 
     config.sampling.method = "ddpm"
     config.sampling.steps = 0                 # all 4,000 levels
+    config.sampling.predictor = "euler_maruyama"   # the PC sampler's default again (unused)
     variants = set(arg.split(",")) if arg else set()
     if variants - {"smoke", "vlb"}:
         raise ValueError(f"Unknown variant {arg!r} of experiments/iddpm_cifar.py; use ':vlb' "

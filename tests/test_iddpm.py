@@ -124,6 +124,9 @@ BAD = [
      r"training\.loss='hybrid' trains a learned variance: set model\.learn_variance=True"),
     ({"model.learn_variance": True},
      r"model\.learn_variance=True .* needs training\.continuous=False"),
+    ({"model.learn_variance": True, "training.continuous": False},
+     r"model\.learn_variance=True is trained by training\.loss 'hybrid' or 'vlb' "
+     r"\(training\.loss='dsm' would leave the variance untrained\)"),
     ({"model.learn_variance": True, "training.continuous": False, "sde.name": "subvpsde"},
      r"sde\.name 'vpsde', 'cosine_vpsde' or 'vesde'"),
     ({"sampling.method": "ddpm", "sde.name": "subvpsde"},
