@@ -55,7 +55,8 @@ def respaced_levels(num_levels: int, steps: int, spacing: str = "evenly") -> np.
 
     "evenly": round(j (N - 1) / (K - 1)), j = 0 .. K - 1 (improved-diffusion's one section;
     both ends kept). "quad": int((j sqrt(0.8 N) / (K - 1))^2) (DDIM's quadratic spacing, Song et
-    al. 2021a, app. D.2), dense at low noise; it needs K well below N so that the levels differ.
+    al. 2021a, app. D.2), dense at low noise and ending at level 0.8 N as DDIM's; it needs
+    K - 1 <= sqrt(0.8 N) so that the levels differ.
     """
     if spacing not in SPACINGS:
         raise ValueError(f"Unknown spacing {spacing!r}: sampling.spacing must be one of "
@@ -168,8 +169,9 @@ def make_chain(sde: SDE, levels: np.ndarray | None = None) -> Chain:
 
 def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Array:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats (broadcasting)."""
-    return 0.5 * (logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * jnp.exp(-logvar2) - 1.0)
+    # -1 first: it cancels exp(0) exactly when the variances are equal (float32 small KLs).
+    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
 
 
 def _log_prob_between(lo: Array, hi: Array) -> Array:

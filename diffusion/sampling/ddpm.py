@@ -9,8 +9,9 @@ x_{j-1} ~ N(mu, Sigma): mu the posterior mean at the model's x_0 prediction
 D = (x_j + s_j^2 score) / a_j, Sigma the model's learned variance when `score_fn` gives one
 (`sde_base.ScoreWithVariance`: its fraction v interpolates the respaced chain's own bounds, so a
 learned variance rescales with the spacing), else b_j ("beta", DDPM's sigma^2 = beta) or beta~_j
-("beta_tilde"). With all N levels and "beta" this is the PC sampler's ancestral predictor
-(score_sde's appendix F form of the same step). The last step returns the mean at level 0.
+("beta_tilde"). With all N levels this is the PC sampler's ancestral predictor (score_sde's
+appendix F form of the same step): with "beta" for DDPM chains, "beta_tilde" for SMLD's. The last
+step returns the mean at level 0.
 """
 
 from __future__ import annotations
