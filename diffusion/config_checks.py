@@ -34,6 +34,7 @@ SAMPLER_KEYS = {
     "dpm_solver": ("steps", "order"),
     "edm": ("steps", "rho", "s_churn"),
     "ddpm": ("steps", "spacing", "variance"),
+    "consistency": ("times",),
 }
 _SAMPLING_SHARED = ("method", "eps", "noise_removal", "batch_size", "num_samples", "labels",
                     "guidance", "guidance_weight", "classifier_workdir", "task", "task_input",
@@ -239,6 +240,17 @@ def _name_problems(config) -> list[str]:
     return problems + guidance_problems(config) + chain_problems(config)
 
 
+def parse_times(text: str) -> tuple[float, ...] | None:
+    """sampling.times: "" (None: the sampler's default) or comma-separated times, e.g. "1,0.5"."""
+    if not str(text).strip():
+        return None
+    try:
+        return tuple(float(t) for t in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"sampling.times={text!r} must be comma-separated numbers, e.g. "
+                         f"'1.0,0.5', or '' for the default (one step from T).") from None
+
+
 def chain_problems(config) -> list[str]:
     """The problems of what runs on the SDE's discrete chain (`diffusion.chain`): learned
     variances, the hybrid / vlb losses and the DDPM sampler."""
@@ -257,6 +269,17 @@ def chain_problems(config) -> list[str]:
         problems.append(f"training.loss={t.loss!r} trains a learned variance: set "
                         f"model.learn_variance=True (DDPM's L_simple is training.loss='dsm' "
                         f"with training.continuous=False)")
+    if s.method == "consistency":
+        try:
+            times = parse_times(s.times)
+        except ValueError as e:
+            problems.append(str(e))
+        else:
+            end = config.sde.get("T", 1.0) if config.sde.name == "rectified_flow" else 1.0
+            if times and (abs(times[0] - end) > 1e-6 or any(
+                    not 0.0 < b < a for a, b in zip(times, times[1:], strict=False))):
+                problems.append(f"sampling.times={s.times!r} must start at T = {end} and "
+                                f"decrease strictly above 0")
     if s.method == "ddpm":
         if not chain:
             problems.append(f"sampling.method='ddpm' steps along a DDPM / SMLD chain; SDE "

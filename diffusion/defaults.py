@@ -16,7 +16,7 @@ complete):
   logit_mean, logit_std, p_mean, p_std, vlb_weight, importance_sampling, snapshot_sampling,
   keep_checkpoints};
   optim.{lr, warmup, grad_clip, beta1, beta2, eps, weight_decay};
-  sampling.{method, steps, spacing, variance, predictor, corrector, snr, n_steps_each,
+  sampling.{method, steps, spacing, variance, times, predictor, corrector, snr, n_steps_each,
   corrector_norm, noise_removal, denoiser, eps, order, eta, rho, s_churn, rtol, atol, ode_solver,
   batch_size, num_samples, labels, guidance, guidance_weight, classifier_workdir, task, task_input,
   mask, sr_factor};
@@ -128,10 +128,13 @@ def get_default_config() -> ml_collections.ConfigDict:
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "pc"              # "pc" | "ode" | "ddim" | "dpm_solver" | "edm" |
-                                        # "ddpm" (ancestral on the discrete chain, respaced)
+                                        # "ddpm" (ancestral on the discrete chain, respaced) |
+                                        # "consistency" (multistep consistency sampling)
     sampling.steps = 0                  # 0: the sampler's default (pc, ddpm: sde.N; ddim 50,
                                         # dpm_solver 20, edm 18); unused by "ode" (adaptive)
     sampling.spacing = "evenly"         # ddpm with steps < sde.N: "evenly" | "quad" (DDIM's)
+    sampling.times = ""                 # consistency: comma-separated times from T down, one
+                                        # denoiser evaluation each ("": one step, from T)
     sampling.variance = "beta"          # ddpm, fixed-variance models: "beta" | "beta_tilde"
                                         # (learned-variance models use theirs)
     sampling.predictor = "euler_maruyama"  # | "reverse_diffusion" | "ancestral" | "none"

@@ -33,7 +33,7 @@ from diffusion import chain as chain_lib
 from diffusion import data as data_lib
 from diffusion import losses, models
 from diffusion import sde as sde_lib
-from diffusion.config_checks import NONE_NAMES, SAMPLER_KEYS, check_config
+from diffusion.config_checks import NONE_NAMES, SAMPLER_KEYS, check_config, parse_times
 from diffusion.guide_settings import GuideSettings
 from diffusion.sampling import SAMPLERS
 from diffusion.train_state import create_optimizer
@@ -270,6 +270,8 @@ def sampling_settings(s: ml_collections.ConfigDict) -> SamplingSettings:
         if key == "steps":
             if s.steps and s.method != "pc":
                 kwargs["steps"] = s.steps
+        elif key == "times":
+            kwargs["times"] = parse_times(s.times)
         elif key in ("predictor", "corrector"):
             kwargs[key] = None if s[key] in NONE_NAMES else s[key]
         else:

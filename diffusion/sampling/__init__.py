@@ -6,8 +6,11 @@
 - `ddim_sample`, `dpm_solver_sample`, `edm_sample`: few-step solvers (solvers.py).
 - `ddpm_sample`: DDPM's ancestral sampler on the discrete chain, respaced, with learned
   variances (ddpm.py).
+- `consistency_sample`: multistep consistency sampling, one denoiser evaluation per time
+  (consistency.py).
 """
 
+from diffusion.sampling.consistency import consistency_sample as consistency_sample
 from diffusion.sampling.ddpm import ddpm_sample as ddpm_sample
 from diffusion.sampling.ode import ODESolverError as ODESolverError
 from diffusion.sampling.ode import decode as decode

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from diffusion.sampling.consistency import consistency_sample
 from diffusion.sampling.ddpm import ddpm_sample
 from diffusion.sampling.ode import ode_sample
 from diffusion.sampling.pc import pc_sample
@@ -16,6 +17,7 @@ SAMPLERS: dict[str, Callable] = {
     "dpm_solver": dpm_solver_sample,
     "edm": edm_sample,
     "ddpm": ddpm_sample,
+    "consistency": consistency_sample,
 }
 
 
