@@ -103,17 +103,20 @@ def _unknown_and_unused_keys(config) -> tuple[list[str], list[str]]:
         problems += _check_section(config, base, "training", used=set(base.training) - unused,
                                    owner=owner)[1]
         model = config.get("model", {})
-        edm = "edm" in (loss, model.get("parameterization"))
+        edm = "edm" in (loss, model.get("parameterization")) or model.get(
+            "parameterization") == "consistency"
         sigma_data = config.get("data", {}).get("sigma_data", base.data.sigma_data)
         if not edm and _differs(sigma_data, base.data.sigma_data):
             problems.append(f"data.sigma_data={sigma_data!r} is set but used only by the 'edm' "
                             f"parameterization and loss, neither of which is chosen")
         noise_input = model.get("noise_input", base.model.noise_input)
-        if model.get("parameterization") == "edm" and _differs(noise_input,
-                                                               base.model.noise_input):
-            problems.append(f"model.noise_input={noise_input!r} is set but the 'edm' "
-                            f"parameterization conditions the network on ln(sigma / alpha) / 4 "
-                            f"itself: leave model.noise_input at its default")
+        parameterization = model.get("parameterization")
+        if parameterization in ("edm", "consistency") and _differs(noise_input,
+                                                                   base.model.noise_input):
+            problems.append(f"model.noise_input={noise_input!r} is set but the "
+                            f"{parameterization!r} parameterization conditions the network on "
+                            f"ln(sigma / alpha) / 4 itself: leave model.noise_input at its "
+                            f"default")
     return problems, notes
 
 

@@ -51,7 +51,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     model.ema_warmup = False            # decay min(ema_rate, (1+n)/(10+n)) (our option; score_sde:
                                         # the constant ema_rate from step 0)
     model.parameterization = "epsilon"  # "epsilon" | "score" | "x0" | "v" (velocity, Salimans
-                                        # & Ho's v for VP) | "edm" (EDM's preconditioning)
+                                        # & Ho's v for VP) | "edm" (EDM's preconditioning) |
+                                        # "consistency" (f(x, t), f(x, training.eps) = x)
     model.scale_by_sigma = False        # "score" output divided by sigma (score_sde's VE models)
     model.noise_input = "time"          # continuous models conditioned on 999 t ("time") or
                                         # log sigma(t); discrete ones on the level (score_sde)

@@ -243,7 +243,7 @@ def score_model_of(config: ml_collections.ConfigDict) -> models.ScoreModel:
         m.scale_input, scale_by_sigma=m.get("scale_by_sigma", False),
         center_input=not config.data.centered, continuous=config.training.continuous,
         sigma_data=config.data.get("sigma_data", 0.5),
-        learn_variance=m.get("learn_variance", False))
+        learn_variance=m.get("learn_variance", False), boundary_time=config.training.eps)
 
 
 def dataset_args(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -6,7 +6,9 @@ v = alpha^2 s^2 + sigma^2, and the ideal network outputs are
   score: -x_t / v,   epsilon: E[z | x_t] = sigma x_t / v,
   x0: D = E[x_0 | x_t] = alpha s^2 x_t / v,
   v: (alpha' D + sigma' E[z | x_t]) / sqrt(alpha'^2 + sigma'^2),
-  edm: (D - c_skip x_t / alpha) / c_out with EDM's c_skip, c_out at sigma~ = sigma / alpha.
+  edm: (D - c_skip x_t / alpha) / c_out with EDM's c_skip, c_out at sigma~ = sigma / alpha,
+  consistency: (D - c_skip (alpha_b / alpha) x_t) / c_out with the consistency c_skip, c_out
+  (the boundary b = 1e-5, the default boundary_time).
 
 A fake network that returns these, computed from its own inputs (c_in x_t and c_noise) by the
 conventions the module documents, must give back the exact score; a wrong c_in, c_noise or
@@ -50,7 +52,7 @@ class GaussianIdealNet(nn.Module):
 
     @nn.compact
     def __call__(self, x_in, c_noise, y=None, train=False):
-        edm = self.parameterization == "edm"
+        edm = self.parameterization in ("edm", "consistency")
         t = self.sde.t_of_log_snr(-4.0 * c_noise) if edm else c_noise / 999.0
         alpha, sigma, d_alpha, d_sigma = self.sde.marginal_rates(t)
         if edm:
@@ -64,9 +66,14 @@ class GaussianIdealNet(nn.Module):
         sigma_tilde = sigma / alpha
         c_skip = SIGMA_DATA**2 / (sigma_tilde**2 + SIGMA_DATA**2)
         c_out = sigma_tilde * SIGMA_DATA / jnp.sqrt(sigma_tilde**2 + SIGMA_DATA**2)
+        alpha_b, sigma_b = self.sde.marginal_coeffs(jnp.full(t.shape, 1e-5, t.dtype))
+        gap = sigma_tilde - _expand(sigma_b / alpha_b, x)
+        cm_skip = SIGMA_DATA**2 / (gap**2 + SIGMA_DATA**2) * _expand(alpha_b, x) / alpha
+        cm_out = gap * SIGMA_DATA / jnp.sqrt(sigma_tilde**2 + SIGMA_DATA**2)
         ideal = {"score": lambda: -x / var, "epsilon": lambda: z, "x0": lambda: x0,
                  "v": lambda: (d_alpha * x0 + d_sigma * z) / jnp.hypot(d_alpha, d_sigma),
-                 "edm": lambda: (x0 - c_skip * x / alpha) / c_out}
+                 "edm": lambda: (x0 - c_skip * x / alpha) / c_out,
+                 "consistency": lambda: (x0 - cm_skip * x) / cm_out}
         return ideal[self.parameterization]()
 
 
@@ -107,7 +114,7 @@ def _closed_form_score(sde, x, t):
 def test_ideal_network_gives_exact_gaussian_score(x64, sde_name, parameterization, scale_input):
     sde = SDES[sde_name]
     net = GaussianIdealNet(sde, parameterization, scale_input)
-    if parameterization == "edm" and scale_input:
+    if parameterization in ("edm", "consistency") and scale_input:
         with pytest.raises(ValueError, match="scales the network input itself"):
             models.make_score_model(net, sde, parameterization, "time", scale_input)
         return
@@ -130,7 +137,7 @@ def test_ideal_network_float32(parameterization):
     same. The tolerance allows that, and nothing more.
     """
     sde = SDES["ve"]
-    scale_input = parameterization != "edm"      # edm has its own c_in
+    scale_input = parameterization not in ("edm", "consistency")   # they have their own c_in
     score_model = models.make_score_model(GaussianIdealNet(sde, parameterization, scale_input),
                                           sde, parameterization, scale_input=scale_input,
                                           sigma_data=SIGMA_DATA)
@@ -138,7 +145,8 @@ def test_ideal_network_float32(parameterization):
     expected = _closed_form_score(sde, x, t)
     sigma = _expand(sde.marginal_coeffs(t)[1], x)
     cancellation = 4 * np.finfo(np.float32).eps * np.abs(x) / sigma**2
-    cancels = parameterization in ("x0", "edm")   # edm: the ideal F = (D - c_skip x) / c_out
+    # edm, consistency: the ideal F = (D - c_skip x) / c_out
+    cancels = parameterization in ("x0", "edm", "consistency")
     tolerance = 1e-5 * np.abs(expected) + (cancellation if cancels else 0.0)
     assert np.all(np.abs(score_model({}, x, t) - expected) <= tolerance)
 
@@ -197,7 +205,7 @@ def test_works_with_real_network_parameters():
 def test_unknown_names():
     sde = SDES["vp"]
     with pytest.raises(ValueError, match=r"parameterization 'velocity'.*\['score', 'epsilon', "
-                                         r"'x0', 'v', 'edm'\]"):
+                                         r"'x0', 'v', 'edm', 'consistency'\]"):
         models.make_score_model(Echo(), sde, parameterization="velocity")
     with pytest.raises(ValueError, match=r"noise input 'sigma'.*\['time', 'log_sigma'\]"):
         models.make_score_model(Echo(), sde, noise_input="sigma")

@@ -26,6 +26,13 @@ score_sde's `models/utils.py::get_score_fn`):
              alpha^2 s_d^2)): the score of N(0, s_d^2) data plus the network's correction. It
              sets the network's input and noise conditioning itself (noise_input is not used,
              scale_input must be off).
+  "consistency"  a consistency function f(x_t, t) (Song et al. 2023, eq. 5 / app. C; iCT), on
+             sigma~ as "edm": f = c_skip (alpha_b / alpha) x_t + c_out F(c_in x~; c_noise) with
+             c_skip = s_d^2 / ((sigma~ - sigma~_b)^2 + s_d^2), c_out = (sigma~ - sigma~_b) s_d /
+             sqrt(sigma~^2 + s_d^2), c_in and c_noise as EDM's, and b = `boundary_time` (the
+             smallest training time, training.eps), so that f(x, b) = x exactly. As a score it
+             is the data prediction f: score = (alpha f - x_t) / sigma^2, so every sampler and
+             the likelihood run on it; `consistency_function` gives f directly.
 
 Noise conditioning of continuous-time models (`continuous=True`):
   noise_input "time":      c_noise = 999 t        (score_sde's continuous VP / sub-VP models:
@@ -100,6 +107,7 @@ _OUTPUT_TO_SCORE = {
     "x0": lambda out, x, alpha, sigma, *_: (alpha * out - x) / sigma**2,
     "v": _v_to_score,
     "edm": _edm_to_score,
+    "consistency": None,      # written by ScoreModel._to_score (it needs the boundary time)
 }
 _NEEDS_RATES = ("v",)
 
@@ -153,6 +161,7 @@ class ScoreModel:
     continuous: bool = True
     sigma_data: float = 0.5
     learn_variance: bool = False
+    boundary_time: float = 1e-5
 
     def __post_init__(self):
         if self.parameterization not in _OUTPUT_TO_SCORE:
@@ -171,14 +180,17 @@ class ScoreModel:
         if self.scale_input and self.center_input:
             raise ValueError("model.scale_input assumes data centred at 0; it cannot be combined "
                              "with data in [0, 1] (data.centered=False). Set one of them off.")
-        if not self.continuous and self.parameterization in ("v", "edm"):
+        if not self.continuous and self.parameterization in ("v", "edm", "consistency"):
             raise ValueError(f"model.parameterization={self.parameterization!r} is written on "
                              f"continuous time (the rates alpha', sigma' or sigma~ = sigma / "
                              f"alpha); use training.continuous=True.")
-        if self.parameterization == "edm" and (self.scale_input or self.center_input):
-            raise ValueError("model.parameterization='edm' scales the network input itself (c_in) "
-                             "and assumes data centred at 0: set model.scale_input=False and "
-                             "data.centered=True.")
+        if self._edm_like and (self.scale_input or self.center_input):
+            raise ValueError(f"model.parameterization={self.parameterization!r} scales the "
+                             f"network input itself (c_in) and assumes data centred at 0: set "
+                             f"model.scale_input=False and data.centered=True.")
+        if self.parameterization == "consistency" and not 0 < self.boundary_time < self.sde.T:
+            raise ValueError(f"A consistency model's boundary time (training.eps) must lie in "
+                             f"(0, T), got {self.boundary_time}.")
         if self.sigma_data <= 0:
             raise ValueError(f"data.sigma_data (the data's std, EDM: 0.5) must be positive, got "
                              f"{self.sigma_data}.")
@@ -194,6 +206,11 @@ class ScoreModel:
                              "score / epsilon / x0 parameterization).")
 
     @property
+    def _edm_like(self) -> bool:
+        """EDM's input scaling and noise conditioning ("edm" and "consistency")."""
+        return self.parameterization in ("edm", "consistency")
+
+    @property
     def _ve_chain(self) -> bool:
         return not hasattr(self.sde, "alphas_cumprod")
 
@@ -201,7 +218,7 @@ class ScoreModel:
         """(alpha, sigma, c_noise), each (B,), that the network is used with at times t (B,)."""
         if self.continuous:
             alpha, sigma = self.sde.marginal_coeffs(t)
-            if self.parameterization == "edm":
+            if self._edm_like:
                 return alpha, sigma, 0.25 * (jnp.log(sigma) - jnp.log(alpha))
             return alpha, sigma, _NOISE_CONDITIONING[self.noise_input](t, sigma)
         steps = t * ((self.sde.N - 1) / self.sde.T)
@@ -279,7 +296,31 @@ class ScoreModel:
         out = self.output(params, x, alpha, sigma, c_noise, y=y, train=train, rng=rng)
         return self._to_score(out, x, alpha, sigma, rates)
 
+    def consistency_function(self, params, x: Array, t: Array, *, y: Array | None = None,
+                             train: bool = False, rng: Array | None = None) -> Array:
+        """f(x, t) of a "consistency" model, like x; f(x, boundary_time) = x exactly."""
+        alpha, sigma, c_noise = self.conditioning(t)
+        out = self.output(params, x, alpha, sigma, c_noise, y=y, train=train, rng=rng)
+        return self._consistency(out, x, alpha.astype(x.dtype), sigma.astype(x.dtype))
+
+    def _consistency(self, out, x, alpha, sigma):
+        """c_skip (alpha_b / alpha) x + c_out F (the module docstring), alpha and sigma (B,). The
+        boundary's coefficients are computed as the time's are, so at t = b the skip factor is 1
+        and c_out 0 exactly."""
+        alpha_b, sigma_b = self.sde.marginal_coeffs(
+            jnp.full(alpha.shape, self.boundary_time, alpha.dtype))
+        gap = sigma / alpha - sigma_b / alpha_b
+        s_d = self.sigma_data
+        c_skip = s_d**2 / (gap**2 + s_d**2)
+        c_out = gap * s_d / jnp.sqrt((sigma / alpha) ** 2 + s_d**2)
+        return (batch_broadcast(c_skip * (alpha_b / alpha), x) * x
+                + batch_broadcast(c_out, x) * out)
+
     def _to_score(self, out, x, alpha, sigma, rates):
+        if self.parameterization == "consistency":
+            alpha, sigma = alpha.astype(x.dtype), sigma.astype(x.dtype)
+            f = self._consistency(out, x, alpha, sigma)
+            return (batch_broadcast(alpha, x) * f - x) / batch_broadcast(sigma, x) ** 2
         sigma_x = batch_broadcast(sigma.astype(x.dtype), x)
         d_alpha, d_sigma = (None, None) if rates is None else (
             batch_broadcast(r.astype(x.dtype), x) for r in rates)
@@ -302,7 +343,7 @@ class ScoreModel:
             net_x = 2.0 * x - 1.0
         if self.scale_input:
             net_x = batch_broadcast(jax.lax.rsqrt(alpha**2 + sigma**2), x) * net_x
-        if self.parameterization == "edm":     # c_in x~ = x / sqrt(sigma^2 + alpha^2 s_d^2)
+        if self._edm_like:     # c_in x~ = x / sqrt(sigma^2 + alpha^2 s_d^2)
             net_x = batch_broadcast(jax.lax.rsqrt(sigma**2 + (alpha * self.sigma_data) ** 2),
                                     x) * net_x
         dtype = jnp.dtype(self.compute_dtype)
@@ -334,7 +375,8 @@ def make_score_model(net: nn.Module, sde: SDE, parameterization: str = "epsilon"
       compute_dtype: the network's dtype, one of COMPUTE_DTYPES; "bfloat16" is mixed precision
         (see the module docstring). Parameters are float32 either way.
       options: the other `ScoreModel` fields: scale_by_sigma, center_input, continuous,
-        sigma_data (the data std of the "edm" parameterization), learn_variance.
+        sigma_data (the data std of the "edm" / "consistency" parameterizations), learn_variance,
+        boundary_time (the "consistency" parameterization's).
     """
     return ScoreModel(net, sde, parameterization, noise_input, scale_input, compute_dtype,
                       **options)
