@@ -47,6 +47,7 @@ _LOSS_KEYS = {
     "edm": ("reduce_mean", "eps", "p_mean", "p_std"),
     "hybrid": ("reduce_mean", "vlb_weight"),
     "vlb": ("reduce_mean", "importance_sampling"),
+    "consistency_training": ("eps", "ct_s0", "ct_s1", "ct_p_mean", "ct_p_std"),
 }
 # training.unroll: how the n_jitted_steps optimizer steps of one call are traced (train.py).
 UNROLL_CHOICES = ("auto", "unroll", "scan")

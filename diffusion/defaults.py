@@ -13,8 +13,8 @@ complete):
   uniform_dequantization, random_flip, data_dir, train_split, eval_split, sigma_data};
   training.{batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps, unroll,
   compute_dtype, loss, continuous, reduce_mean, likelihood_weighting, eps, t_sampling,
-  logit_mean, logit_std, p_mean, p_std, vlb_weight, importance_sampling, snapshot_sampling,
-  keep_checkpoints};
+  logit_mean, logit_std, p_mean, p_std, vlb_weight, importance_sampling, ct_s0, ct_s1, ct_p_mean,
+  ct_p_std, init_workdir, snapshot_sampling, keep_checkpoints};
   optim.{lr, warmup, grad_clip, beta1, beta2, eps, weight_decay};
   sampling.{method, steps, spacing, variance, times, predictor, corrector, snr, n_steps_each,
   corrector_norm, noise_removal, denoiser, eps, order, eta, rho, s_churn, rtol, atol, ode_solver,
@@ -101,7 +101,9 @@ def get_default_config() -> ml_collections.ConfigDict:
                                         # the discrete DDPM (VP, cosine) / SMLD (VE) losses |
                                         # "flow_matching" (velocity regression) | "edm" (EDM's
                                         # loss) | "hybrid" / "vlb" (Improved DDPM: discrete,
-                                        # model.learn_variance); diffusion/losses.py
+                                        # model.learn_variance) | "consistency_training" (iCT;
+                                        # model.parameterization "consistency");
+                                        # diffusion/losses.py
     training.continuous = True          # False: DDPM / SMLD's discrete levels (see loss)
     training.reduce_mean = False        # mean over dimensions (else 1/2 sum, score_sde)
     training.likelihood_weighting = False   # dsm: weight g(t)^2 (Song et al. 2021b)
@@ -115,6 +117,12 @@ def get_default_config() -> ml_collections.ConfigDict:
                                         # Dhariwal 2021: lambda = 0.001)
     training.importance_sampling = True  # vlb: levels drawn with p ~ sqrt(E[L^2]) (their
                                         # sec. 3.3), else uniformly
+    training.ct_s0 = 10                 # consistency_training: iCT's curriculum N(k) from
+    training.ct_s1 = 1280               # s0 + 1 levels doubling to s1 + 1 (Song & Dhariwal 2023)
+    training.ct_p_mean = -1.1           # consistency_training: lognormal level distribution
+    training.ct_p_std = 2.0
+    training.init_workdir = ""          # start from the EMA weights of the run in this workdir
+                                        # (same network; ECT's start from a diffusion model)
     training.snapshot_sampling = True
     training.keep_checkpoints = 3
 

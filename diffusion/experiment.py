@@ -62,6 +62,7 @@ class TrainSettings:
     ema_rate: float
     ema_warmup: bool
     unroll: str = "auto"     # training.unroll: "auto" | "unroll" | "scan"
+    init_workdir: str = ""   # training.init_workdir: start from that run's EMA weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +180,10 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False,
             logit_mean=t.logit_mean, logit_std=t.logit_std, p_mean=t.p_mean, p_std=t.p_std,
             sigma_data=d.sigma_data, decoder=decoder_of(dataset, d.centered),
             vlb_weight=t.get("vlb_weight", 0.001),
-            importance_sampling=t.get("importance_sampling", True))
+            importance_sampling=t.get("importance_sampling", True),
+            **({"total_steps": t.n_iters, "ct_s0": t.ct_s0, "ct_s1": t.ct_s1,
+                "ct_p_mean": t.ct_p_mean, "ct_p_std": t.ct_p_std}
+               if t.loss == "consistency_training" else {}))
     if score_model is not None and m.get("num_classes") is not None:
         loss_fn = losses.with_label_dropout(loss_fn, m.label_dropout, m.num_classes)
     o = config.optim
@@ -200,7 +204,8 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False,
                           d.num_workers),
         train=TrainSettings(t.batch_size, t.n_iters, t.snapshot_freq, t.log_freq, t.eval_freq,
                             t.n_jitted_steps, t.snapshot_sampling, t.keep_checkpoints,
-                            m.ema_rate, m.ema_warmup, t.get("unroll", "auto")),
+                            m.ema_rate, m.ema_warmup, t.get("unroll", "auto"),
+                            t.get("init_workdir", "")),
         sampling=sampling, eval=_eval_settings(config), classifier=classifier,
         description=description, config_json=config.to_json_best_effort(indent=2))
 
@@ -213,15 +218,21 @@ def decoder_of(dataset: data_lib.Dataset, centered: bool) -> chain_lib.Decoder:
     return chain_lib.Decoder(dataset.num_levels, -1.0 if centered else 0.0, 1.0)
 
 
+def workdir_experiment(workdir: str, key: str, what: str) -> Experiment:
+    """The experiment of the run in `workdir`, from its config.json (the config key that names
+    it and what to train there, for the message when it has none)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{key}={workdir} has no config.json: train {what} there first.")
+    with open(path) as f:
+        return build(ml_collections.ConfigDict(json.load(f)), shape_only_data=True)
+
+
 def classifier_experiment(workdir: str) -> Experiment:
     """The experiment of the classifier trained in `workdir` (its config.json), for classifier
     guidance; its parameters are restored by the sampler (`generate.load_classifier`)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"sampling.classifier_workdir={workdir} has no config.json: train "
-                                f"a classifier there first (experiments/digits_classifier.py).")
-    with open(path) as f:
-        exp = build(ml_collections.ConfigDict(json.load(f)), shape_only_data=True)
+    exp = workdir_experiment(workdir, "sampling.classifier_workdir",
+                             "a classifier (experiments/digits_classifier.py)")
     if not exp.is_classifier:
         raise ValueError(f"sampling.classifier_workdir={workdir} holds a {exp.description} "
                          f"run, not a classifier (model.name='classifier').")

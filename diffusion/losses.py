@@ -46,7 +46,7 @@ from diffusion.sde import SDE, VESDE, batch_broadcast, data_prediction
 
 Array = jax.Array
 LossFn = Callable[[dict, dict, Array], Array]
-LOSSES = ("dsm", "flow_matching", "edm", "hybrid", "vlb")
+LOSSES = ("dsm", "flow_matching", "edm", "hybrid", "vlb", "consistency_training")
 T_SAMPLINGS = ("uniform", "logit_normal")
 
 
@@ -357,10 +357,21 @@ def get_loss_fn(sde: SDE, score_model: Callable, *, loss: str = "dsm", continuou
     DSM if `continuous`, else DDPM (VP) or SMLD (VE). "hybrid" and "vlb" are Improved DDPM's
     (`make_vlb_loss`; discrete, learned variance). `options` are those of
     `make_flow_matching_loss` (t_sampling, logit_mean, logit_std), `make_edm_loss` (p_mean,
-    p_std, sigma_data) or `make_vlb_loss` (decoder, vlb_weight, importance_sampling); an option
-    of another loss is ignored."""
+    p_std, sigma_data), `make_vlb_loss` (decoder, vlb_weight, importance_sampling) or
+    `consistency_losses.make_consistency_training_loss` (total_steps and ct_s0, ct_s1,
+    ct_p_mean, ct_p_std, its s0, s1, p_mean, p_std); an option of another loss is ignored."""
     if loss not in LOSSES:
         raise ValueError(f"Unknown loss {loss!r}: training.loss must be one of {list(LOSSES)}.")
+    if loss == "consistency_training":
+        if not continuous:
+            raise ValueError("training.loss='consistency_training' needs "
+                             "training.continuous=True.")
+        from diffusion.consistency_losses import make_consistency_training_loss
+
+        names = {"total_steps": "total_steps", "ct_s0": "s0", "ct_s1": "s1",
+                 "ct_p_mean": "p_mean", "ct_p_std": "p_std"}
+        return make_consistency_training_loss(
+            sde, score_model, **{names[k]: v for k, v in options.items() if k in names})
     if loss in ("hybrid", "vlb"):
         if continuous:
             raise ValueError(f"training.loss={loss!r} is a loss of the discrete chain: set "

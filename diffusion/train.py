@@ -44,7 +44,7 @@ from diffusion.parallel import put_batch as put_batch
 from diffusion.parallel import to_host
 from diffusion.progress import hms
 from diffusion.train_state import TrainState as TrainState
-from diffusion.train_state import abstract_train_state
+from diffusion.train_state import abstract_train_state, start_from_workdir
 from diffusion.train_state import count_params as count_params
 from diffusion.train_state import create_optimizer as create_optimizer
 from diffusion.train_state import create_train_state as create_train_state
@@ -90,6 +90,7 @@ def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, e
     """
 
     importance_sampled = getattr(loss_fn, "importance_sampled", False)
+    needs_step = getattr(loss_fn, "needs_step", False)     # consistency training's curriculum
 
     def device_step(state: TrainState, batch, key):
         def one_step(state: TrainState, batch):
@@ -103,8 +104,10 @@ def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, e
                 probs = importance.level_probs(state.loss_state)
 
             def mean_loss(params):
-                per_example = (loss_fn(params, batch, keys, level_probs=probs) if importance_sampled
-                               else loss_fn(params, batch, keys))
+                options = dict(level_probs=probs) if importance_sampled else {}
+                if needs_step:
+                    options["step"] = state.step
+                per_example = loss_fn(params, batch, keys, **options)
                 return jnp.mean(per_example), per_example
 
             (loss, per_example), grads = jax.value_and_grad(mean_loss, has_aux=True)(
@@ -246,6 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     manager = checkpointing.make_manager(workdir, max_to_keep=t.keep_checkpoints)
     state = restore_or_init(exp, manager, mesh)
     start = int(state.step)
+    if start == 0 and t.init_workdir:
+        state = start_from_workdir(exp, state, t.init_workdir, mesh)
     print(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
           f"({jax.devices()[0].platform}); {exp.description}, "
           f"{count_params(state.params):,} parameters; "

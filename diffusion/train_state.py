@@ -119,5 +119,25 @@ def restore_latest(exp, workdir: str, mesh: Mesh) -> TrainState:
     return state
 
 
+def start_from_workdir(exp, state: TrainState, workdir: str, mesh: Mesh) -> TrainState:
+    """`state` (fresh) with the params and EMA params replaced by the EMA weights of the run in
+    `workdir` (training.init_workdir; e.g. consistency training started from a diffusion model,
+    as ECT, Geng et al. 2024). The networks must have the same parameters (names and shapes);
+    the parameterisation, SDE and loss may differ."""
+    from diffusion import experiment  # the config reader, which imports this module
+
+    source = experiment.workdir_experiment(workdir, "training.init_workdir", "a model")
+    params = restore_latest(source, workdir, mesh).ema_params
+    ours = jax.tree_util.tree_structure(state.params), jax.tree.map(jnp.shape, state.params)
+    theirs = jax.tree_util.tree_structure(params), jax.tree.map(jnp.shape, params)
+    if ours != theirs:
+        raise ValueError(f"training.init_workdir={workdir} holds a {source.description} run, "
+                         f"whose network's parameters differ from this config's: use the same "
+                         f"model settings, or no init_workdir.")
+    # Two buffers: the train step donates the state, and one buffer cannot be donated twice.
+    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
+                         opt_state=exp.tx.init(params))
+
+
 def count_params(params) -> int:
     return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))

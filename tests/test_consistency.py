@@ -8,14 +8,18 @@ every step is an affine map of a Gaussian plus fresh Gaussian noise.
 """
 
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
+from helpers import random_params
 
-from diffusion import sampling, train
+from diffusion import consistency_losses, losses, models, sampling, train
 from diffusion import sde as sde_lib
+from experiments import toy_2d
 
 MU, S, DIM, N = 0.7, 0.5, 2, 20_000
 
@@ -127,3 +131,120 @@ def test_consistency_sampling_from_the_config(smoke_run):
         samples, nfe = f["samples"], int(f["nfe"])
     assert nfe == 2 and samples.shape == (config.sampling.num_samples, 2)
     assert np.all(np.isfinite(samples))
+
+
+# --------------------------------------------------------------------------- consistency training
+
+
+def test_the_curriculum_is_icts_doubling_formula():
+    """N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2(s1 / s0) + 1)): for
+    K = 400k, s0 = 10, s1 = 1280, K' = 50k and N runs 11, 21, ..., 1281 (reached at 350k)."""
+    k = np.asarray([0, 49_999, 50_000, 100_000, 299_999, 300_000, 350_000, 399_999])
+    got = np.asarray(consistency_losses.curriculum(k, 400_000))
+    np.testing.assert_array_equal(got, [11, 11, 21, 41, 321, 641, 1281, 1281])
+    expected = [min(10 * 2 ** (int(s) // 50_000), 1280) + 1 for s in range(0, 400_000, 997)]
+    got = np.asarray(consistency_losses.curriculum(np.arange(0, 400_000, 997), 400_000))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_levels_and_their_lognormal_probabilities():
+    """Karras levels from sigma_min to sigma_max (rho 7) for the first n entries; the pair
+    probabilities are the N(P_mean, P_std^2) mass of ln sigma between neighbours, normalised,
+    zero past the last pair."""
+    n, size = 11, 16
+    sigmas = np.asarray(consistency_losses.karras_levels(0.002, 80.0, jnp.int32(n), size))
+    i = np.arange(n)
+    expected = (0.002 ** (1 / 7) + i / (n - 1) * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    np.testing.assert_allclose(sigmas[:n], expected, rtol=1e-5)
+    probs = np.asarray(consistency_losses.lognormal_pair_probs(jnp.asarray(sigmas), n))
+    cdf = scipy.stats.norm.cdf(np.log(expected), -1.1, 2.0)
+    np.testing.assert_allclose(probs[:n - 1], np.diff(cdf) / np.sum(np.diff(cdf)), rtol=1e-4)
+    assert np.all(probs[n - 1:] == 0) and probs.shape == (size - 1,)
+
+
+def test_pseudo_huber_is_the_closed_form():
+    diff = np.random.default_rng(0).normal(size=(5, 3, 4)).astype(np.float32)
+    c = 0.00054 * math.sqrt(12)
+    expected = np.sqrt(np.sum(diff.reshape(5, -1).astype(np.float64) ** 2, 1) + c**2) - c
+    np.testing.assert_allclose(consistency_losses.pseudo_huber(jnp.asarray(diff), c), expected,
+                               rtol=1e-6)
+
+
+def _consistency_model(sde, boundary_time=1e-3):
+    net = models.MLP(hidden=16, n_layers=2)
+    x = jax.random.normal(jax.random.key(0), (8, DIM))
+    params = random_params(net, x, jnp.ones((8,)))
+    model = models.make_score_model(net, sde, "consistency", boundary_time=boundary_time)
+    return model, params, x
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "flow", "cosine"])
+def test_the_boundary_condition_holds_exactly_in_float32(name):
+    """f(x, b) = x to the last bit at the boundary time b (c_skip (alpha_b / alpha) = 1 and
+    c_out = 0 exactly there), for a network whose output is far from 0; just above b, f moves."""
+    sde = PROCESSES.get(name) or sde_lib.CosineVPSDE()
+    model, params, x = _consistency_model(sde)
+    f = model.consistency_function(params, x, jnp.full((8,), 1e-3, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(f), np.asarray(x))
+    f_later = model.consistency_function(params, x, jnp.full((8,), 0.1, jnp.float32))
+    assert np.max(np.abs(np.asarray(f_later) - np.asarray(x))) > 1e-3
+    # As a score it is the data prediction f: (x + sigma^2 score) / alpha = f.
+    t = jnp.full((8,), 0.3, jnp.float32)
+    alpha, sigma = (c[:, None] for c in sde.marginal_coeffs(t))
+    np.testing.assert_allclose((x + sigma**2 * model(params, x, t)) / alpha,
+                               model.consistency_function(params, x, t), rtol=2e-4, atol=2e-5)
+
+
+def test_the_target_gets_no_gradient():
+    """Consistency training's target f(x_i, t_i) is the online network with a stop-gradient: the
+    loss's gradient equals that of the same loss with the target's parameters held constant."""
+    sde = PROCESSES["vp"]
+    model, params, _ = _consistency_model(sde, boundary_time=1e-5)
+    loss_fn = losses.get_loss_fn(sde, model, loss="consistency_training", total_steps=100)
+    batch = {"x": jax.random.normal(jax.random.key(2), (16, DIM))}
+    key = jax.random.key(3)
+    grad = jax.grad(lambda p: jnp.mean(loss_fn(p, batch, key, step=40)))(params)
+
+    class ConstantTarget:   # calls alternate online, target: the target sees fixed params
+        parameterization, boundary_time = "consistency", model.boundary_time
+        calls = 0
+
+        def consistency_function(self, p, x, t, **kw):
+            ConstantTarget.calls += 1
+            return model.consistency_function(p if self.calls % 2 else params, x, t, **kw)
+
+    split_loss = consistency_losses.make_consistency_training_loss(sde, ConstantTarget(),
+                                                                   total_steps=100)
+
+    def manual(p):
+        return jnp.mean(split_loss(p, batch, key, step=40))
+
+    expected = jax.grad(manual)(params)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grad)) > 1e-4
+
+
+def test_consistency_training_resumes_mid_curriculum_as_uninterrupted(tmp_path):
+    """toy_2d:smoke as a consistency model (4 steps: N = 11, 21, 41, 81): training to 4, and
+    training to 4 after losing the last checkpoint (resuming at 2), give the same parameters."""
+    config = toy_2d.get_config("smoke")
+    config.model.parameterization = "consistency"
+    config.training.loss = "consistency_training"
+    config.training.reduce_mean = False          # the pseudo-Huber distance is per example
+    config.sampling.method, config.sampling.times = "consistency", "1.0,0.5"
+    config.training.snapshot_sampling = False
+    config.training.n_iters, config.training.snapshot_freq = 4, 2
+    assert list(np.asarray(consistency_losses.curriculum(np.arange(4), 4))) == [11, 21, 41, 81]
+    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+    again = tmp_path / "again"
+    train.train_and_evaluate(config, str(again))
+    shutil.rmtree(again / "checkpoints" / "4")
+    resumed = train.train_and_evaluate(config, str(again))
+    assert int(resumed.step) == 4
+    for a, b in zip(jax.tree.leaves(jax.device_get(full.params)),
+                    jax.tree.leaves(jax.device_get(resumed.params)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    path = train.sample(config, str(again))
+    with np.load(path) as f:
+        assert int(f["nfe"]) == 2 and np.all(np.isfinite(f["samples"]))
