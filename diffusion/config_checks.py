@@ -48,6 +48,8 @@ _LOSS_KEYS = {
     "hybrid": ("reduce_mean", "vlb_weight"),
     "vlb": ("reduce_mean", "importance_sampling"),
     "consistency_training": ("eps", "ct_s0", "ct_s1", "ct_p_mean", "ct_p_std"),
+    "consistency_distillation": ("eps", "teacher_workdir", "target_ema", "cd_levels",
+                                 "cd_solver", "cd_distance"),
 }
 # training.unroll: how the n_jitted_steps optimizer steps of one call are traced (train.py).
 UNROLL_CHOICES = ("auto", "unroll", "scan")

@@ -112,3 +112,104 @@ def make_consistency_training_loss(sde: SDE, score_model, *, total_steps: int,
 
     loss_fn.needs_step = True
     return loss_fn
+
+
+def teacher_step(sde, teacher_score, x: Array, t_from: Array, t_to: Array, sigma_from: Array,
+                 sigma_to: Array, solver: str = "heun") -> Array:
+    """One step of the teacher's probability-flow ODE from t_from to t_to (each (B,)), written on
+    sigma~ for every process: d(x / alpha) / d sigma~ = (x / alpha - D(x, t)) / sigma~ (EDM's
+    form), D the teacher's denoiser; Euler, or Heun (a second evaluation at t_to)."""
+    from diffusion.sde_base import data_prediction
+
+    def slope(x, t, sigma_tilde):
+        alpha, sigma = sde.marginal_coeffs(t)
+        d = data_prediction(x, teacher_score(x, t), alpha, sigma)
+        return (x / batch_broadcast(alpha, x) - d) / batch_broadcast(sigma_tilde, x)
+
+    alpha_from, _ = sde.marginal_coeffs(t_from)
+    alpha_to, _ = sde.marginal_coeffs(t_to)
+    x_tilde = x / batch_broadcast(alpha_from, x)
+    h = batch_broadcast(sigma_to - sigma_from, x)
+    d1 = slope(x, t_from, sigma_from)
+    euler = x_tilde + h * d1
+    if solver == "euler":
+        return batch_broadcast(alpha_to, x) * euler
+    d2 = slope(batch_broadcast(alpha_to, x) * euler, t_to, sigma_to)
+    return batch_broadcast(alpha_to, x) * (x_tilde + 0.5 * h * (d1 + d2))
+
+
+CD_SOLVERS = ("euler", "heun")
+CD_DISTANCES = ("l2", "pseudo_huber")
+
+
+def make_consistency_distillation_loss(sde: SDE, score_model, teacher_model, *,
+                                       num_levels: int = 18, solver: str = "heun",
+                                       distance: str = "l2", target_ema: float = 0.95,
+                                       rho: float = 7.0) -> Callable:
+    """Consistency distillation (Song et al. 2023, Alg. 2) for a "consistency" score model.
+
+    N = num_levels Karras levels on sigma~ from the boundary to sigma~(T) (the paper's CIFAR-10
+    CD: N = 18); i ~ U{0 .. N-2}; x_{i+1} = alpha x_0 + sigma z at t_{i+1}; the teacher (any
+    score model of this codebase, `teacher_model`) takes one ODE step to t_i
+    (`teacher_step`); the loss is d(f_theta(x_{i+1}, t_{i+1}), f_target(x^_i, t_i)) with the
+    target network an EMA of the student with decay `target_ema` (the paper's mu; the train
+    step keeps it in the loss state, updated after every optimizer step) and
+    d the mean squared error ("l2") or the pseudo-Huber distance. `loss_fn(params, batch, key,
+    state)` with state = {"target": params, "teacher": the teacher's params}; the function
+    carries `init_state(params, teacher_params)` and `update_state(state, params)`.
+    """
+    if getattr(score_model, "parameterization", None) != "consistency":
+        raise ValueError("training.loss='consistency_distillation' trains a consistency "
+                         "function: set model.parameterization='consistency'.")
+    if solver not in CD_SOLVERS or distance not in CD_DISTANCES:
+        raise ValueError(f"training.cd_solver must be one of {list(CD_SOLVERS)} and "
+                         f"training.cd_distance one of {list(CD_DISTANCES)}; got {solver!r}, "
+                         f"{distance!r}.")
+    if num_levels < 2:
+        raise ValueError(f"training.cd_levels must be >= 2, got {num_levels}.")
+    b = score_model.boundary_time
+    alpha, sigma = sde.marginal_coeffs(jnp.asarray([b, sde.T], jnp.float32))
+    sigma_min, sigma_max = (float(v) for v in sigma / alpha)
+    sigmas = karras_levels(sigma_min, sigma_max, jnp.int32(num_levels), num_levels, rho)
+    times = jnp.concatenate([jnp.asarray([b], jnp.float32),
+                             sde.t_of_log_snr(-jnp.log(sigmas[1:-1]), t_min=b),
+                             jnp.asarray([sde.T], jnp.float32)])
+
+    def loss_fn(params, batch, key, state):
+        x0 = batch["x"]
+        keys = rng.per_example(key, x0.shape[0])
+        z = rng.normal(rng.fold_in(keys, rng.NOISE), x0.shape, x0.dtype)
+        u = jax.vmap(jax.random.uniform)(rng.fold_in(keys, rng.TIME))
+        i = jnp.minimum(jnp.floor(u * (num_levels - 1)), num_levels - 2).astype(jnp.int32)
+        dropout_rng = jax.random.fold_in(keys[0], rng.DROPOUT)
+        y = batch.get("label")
+        t_hi, t_lo = times[i + 1], times[i]
+        a, s = sde.marginal_coeffs(t_hi)
+        x_hi = batch_broadcast(a, x0) * x0 + batch_broadcast(s, x0) * z
+        teacher = lambda x, t: teacher_model(state["teacher"], x, t, y=y)   # noqa: E731
+        x_lo = jax.lax.stop_gradient(teacher_step(sde, teacher, x_hi, t_hi, t_lo, sigmas[i + 1],
+                                                  sigmas[i], solver))
+        online = score_model.consistency_function(params, x_hi, t_hi, y=y, train=True,
+                                                  rng=dropout_rng)
+        target = jax.lax.stop_gradient(score_model.consistency_function(
+            state["target"], x_lo, t_lo, y=y, train=True, rng=dropout_rng))
+        diff = online - target
+        if distance == "l2":
+            return jnp.mean(jnp.reshape(diff, (diff.shape[0], -1)) ** 2, axis=1)
+        return pseudo_huber(diff, 0.00054 * math.sqrt(math.prod(x0.shape[1:])))
+
+    def init_state(params, teacher_params):
+        return {"target": jax.tree.map(jnp.copy, params), "teacher": teacher_params}
+
+    if not 0.0 <= target_ema < 1.0:
+        raise ValueError(f"training.target_ema must be in [0, 1), got {target_ema}.")
+
+    def update_state(state, params):
+        mu = target_ema
+        target = jax.tree.map(lambda a, p: mu * a + (1.0 - mu) * p, state["target"], params)
+        return {"target": target, "teacher": state["teacher"]}
+
+    loss_fn.uses_state = True
+    loss_fn.init_state = init_state
+    loss_fn.update_state = update_state
+    return loss_fn

@@ -14,7 +14,8 @@ complete):
   training.{batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps, unroll,
   compute_dtype, loss, continuous, reduce_mean, likelihood_weighting, eps, t_sampling,
   logit_mean, logit_std, p_mean, p_std, vlb_weight, importance_sampling, ct_s0, ct_s1, ct_p_mean,
-  ct_p_std, init_workdir, snapshot_sampling, keep_checkpoints};
+  ct_p_std, teacher_workdir, target_ema, cd_levels, cd_solver, cd_distance, init_workdir,
+  snapshot_sampling, keep_checkpoints};
   optim.{lr, warmup, grad_clip, beta1, beta2, eps, weight_decay};
   sampling.{method, steps, spacing, variance, times, predictor, corrector, snr, n_steps_each,
   corrector_norm, noise_removal, denoiser, eps, order, eta, rho, s_churn, rtol, atol, ode_solver,
@@ -101,8 +102,9 @@ def get_default_config() -> ml_collections.ConfigDict:
                                         # the discrete DDPM (VP, cosine) / SMLD (VE) losses |
                                         # "flow_matching" (velocity regression) | "edm" (EDM's
                                         # loss) | "hybrid" / "vlb" (Improved DDPM: discrete,
-                                        # model.learn_variance) | "consistency_training" (iCT;
-                                        # model.parameterization "consistency");
+                                        # model.learn_variance) | "consistency_training" (iCT)
+                                        # | "consistency_distillation" (model.parameterization
+                                        # "consistency");
                                         # diffusion/losses.py
     training.continuous = True          # False: DDPM / SMLD's discrete levels (see loss)
     training.reduce_mean = False        # mean over dimensions (else 1/2 sum, score_sde)
@@ -121,6 +123,12 @@ def get_default_config() -> ml_collections.ConfigDict:
     training.ct_s1 = 1280               # s0 + 1 levels doubling to s1 + 1 (Song & Dhariwal 2023)
     training.ct_p_mean = -1.1           # consistency_training: lognormal level distribution
     training.ct_p_std = 2.0
+    training.teacher_workdir = ""       # consistency_distillation: the teacher's workdir (its
+                                        # config.json and EMA weights)
+    training.target_ema = 0.95          # consistency_distillation: the target network's EMA mu
+    training.cd_levels = 18             # consistency_distillation: Karras levels N (CIFAR: 18)
+    training.cd_solver = "heun"         # consistency_distillation: the teacher's ODE step
+    training.cd_distance = "l2"         # consistency_distillation: "l2" | "pseudo_huber"
     training.init_workdir = ""          # start from the EMA weights of the run in this workdir
                                         # (same network; ECT's start from a diffusion model)
     training.snapshot_sampling = True

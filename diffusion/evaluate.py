@@ -41,8 +41,12 @@ from diffusion.sde import batch_broadcast
 from diffusion.train_state import restore_latest
 
 
-def eval_loss(exp: Experiment, params, num_batches: int, key: jax.Array) -> float:
+def eval_loss(exp: Experiment, params, num_batches: int, key: jax.Array,
+              loss_state=None) -> float:
     """Mean loss of `params` (typically the EMA) on the eval split, over fixed noise.
+
+    loss_state: the train state's, for a loss that reads it (consistency distillation's target
+    network and teacher).
 
     Each batch of eval.batch_size is split over the devices of the mesh, as in training; the
     example at position n of the eval stream draws its noise from fold_in(key, n), so the loss
@@ -50,9 +54,11 @@ def eval_loss(exp: Experiment, params, num_batches: int, key: jax.Array) -> floa
     mesh = data_mesh()
     cache_key = ("eval_loss", mesh)
     if cache_key not in exp.cache:
-        def device_losses(params, key, batch):
+        def device_losses(inputs, key, batch):
+            params, loss_state = inputs
             batch = dict(batch)
-            return exp.loss_fn(params, batch, rng.indexed(key, batch.pop("index")))
+            options = {"state": loss_state} if getattr(exp.loss_fn, "uses_state", False) else {}
+            return exp.loss_fn(params, batch, rng.indexed(key, batch.pop("index")), **options)
 
         exp.cache[cache_key] = map_over_batch(device_losses, mesh, out_specs=P(DATA_AXIS))
     losses = exp.cache[cache_key]
@@ -66,8 +72,8 @@ def eval_loss(exp: Experiment, params, num_batches: int, key: jax.Array) -> floa
         keep = ("x", "label") if exp.conditional else ("x",)
         batch = {k: batch[k] for k in keep} | {"index": np.arange(i * bs, (i + 1) * bs,
                                                                   dtype=np.int32)}
-        per_example = losses(params, key, jax.tree.map(lambda a: global_batch(a, mesh),
-                                                       batch))
+        per_example = losses((params, loss_state), key,
+                             jax.tree.map(lambda a: global_batch(a, mesh), batch))
         total += float(np.mean(to_host(per_example)))
     return total / num_batches
 
@@ -130,7 +136,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.time()
     record = {"step": step,
               "eval_loss": eval_loss(exp, state.ema_params, exp.eval.num_batches,
-                                     exp.key("eval")),
+                                     exp.key("eval"), state.loss_state),
               "eval_split_examples": len(exp.dataset.eval)}
     if exp.is_classifier:
         record.update(classifier_accuracy(exp, state.ema_params))

@@ -63,6 +63,7 @@ class TrainSettings:
     ema_warmup: bool
     unroll: str = "auto"     # training.unroll: "auto" | "unroll" | "scan"
     init_workdir: str = ""   # training.init_workdir: start from that run's EMA weights
+    teacher_workdir: str = ""   # training.teacher_workdir: consistency distillation's teacher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +131,8 @@ class Experiment:
     config_json: str           # the whole config, written to <workdir>/config.json
     # The classifier experiment of sampling.classifier_workdir (classifier guidance), else None.
     classifier: Experiment | None = None
+    # The teacher experiment of training.teacher_workdir (consistency distillation), else None.
+    teacher: Experiment | None = None
     # What is made once per experiment and reused: jitted samplers and eval functions, the
     # abstract train state, the classifier's restored parameters. Periodic sampling / evaluation
     # then compile once and the network is traced once.
@@ -162,6 +165,13 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False,
     for note in check_config(config):
         print(f"note: {note}", flush=True)
     t, m, d = config.training, config.model, config.data
+    teacher = None
+    if t.loss == "consistency_distillation":
+        if not t.teacher_workdir:
+            raise ValueError("training.loss='consistency_distillation' needs "
+                             "training.teacher_workdir, a trained diffusion model's workdir.")
+        teacher = workdir_experiment(t.teacher_workdir, "training.teacher_workdir",
+                                     "a diffusion model (e.g. experiments/digits.py)")
     sampling = sampling_settings(config.sampling)
     task_reads_data = sampling.guide.task != "none" and sampling.guide.task_input == "eval"
     shape_only = shape_only_data or (for_sampling and not task_reads_data)
@@ -183,7 +193,10 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False,
             importance_sampling=t.get("importance_sampling", True),
             **({"total_steps": t.n_iters, "ct_s0": t.ct_s0, "ct_s1": t.ct_s1,
                 "ct_p_mean": t.ct_p_mean, "ct_p_std": t.ct_p_std}
-               if t.loss == "consistency_training" else {}))
+               if t.loss == "consistency_training" else {}),
+            **({"teacher_model": teacher.score_model, "cd_levels": t.cd_levels,
+                "cd_solver": t.cd_solver, "cd_distance": t.cd_distance,
+                "target_ema": t.target_ema} if teacher is not None else {}))
     if score_model is not None and m.get("num_classes") is not None:
         loss_fn = losses.with_label_dropout(loss_fn, m.label_dropout, m.num_classes)
     o = config.optim
@@ -205,8 +218,8 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False,
         train=TrainSettings(t.batch_size, t.n_iters, t.snapshot_freq, t.log_freq, t.eval_freq,
                             t.n_jitted_steps, t.snapshot_sampling, t.keep_checkpoints,
                             m.ema_rate, m.ema_warmup, t.get("unroll", "auto"),
-                            t.get("init_workdir", "")),
-        sampling=sampling, eval=_eval_settings(config), classifier=classifier,
+                            t.get("init_workdir", ""), t.get("teacher_workdir", "")),
+        sampling=sampling, eval=_eval_settings(config), classifier=classifier, teacher=teacher,
         description=description, config_json=config.to_json_best_effort(indent=2))
 
 

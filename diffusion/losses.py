@@ -46,7 +46,8 @@ from diffusion.sde import SDE, VESDE, batch_broadcast, data_prediction
 
 Array = jax.Array
 LossFn = Callable[[dict, dict, Array], Array]
-LOSSES = ("dsm", "flow_matching", "edm", "hybrid", "vlb", "consistency_training")
+LOSSES = ("dsm", "flow_matching", "edm", "hybrid", "vlb", "consistency_training",
+          "consistency_distillation")
 T_SAMPLINGS = ("uniform", "logit_normal")
 
 
@@ -359,13 +360,25 @@ def get_loss_fn(sde: SDE, score_model: Callable, *, loss: str = "dsm", continuou
     `make_flow_matching_loss` (t_sampling, logit_mean, logit_std), `make_edm_loss` (p_mean,
     p_std, sigma_data), `make_vlb_loss` (decoder, vlb_weight, importance_sampling) or
     `consistency_losses.make_consistency_training_loss` (total_steps and ct_s0, ct_s1,
-    ct_p_mean, ct_p_std, its s0, s1, p_mean, p_std); an option of another loss is ignored."""
+    ct_p_mean, ct_p_std, its s0, s1, p_mean, p_std) or
+    `make_consistency_distillation_loss` (teacher_model, cd_levels, cd_solver, cd_distance,
+    target_ema); an option of another loss is ignored."""
     if loss not in LOSSES:
         raise ValueError(f"Unknown loss {loss!r}: training.loss must be one of {list(LOSSES)}.")
+    if loss.startswith("consistency") and not continuous:
+        raise ValueError(f"training.loss={loss!r} needs training.continuous=True.")
+    if loss == "consistency_distillation":
+        from diffusion.consistency_losses import make_consistency_distillation_loss
+
+        names = {"cd_levels": "num_levels", "cd_solver": "solver", "cd_distance": "distance",
+                 "target_ema": "target_ema"}
+        if options.get("teacher_model") is None:
+            raise ValueError("training.loss='consistency_distillation' needs a teacher: set "
+                             "training.teacher_workdir to a trained run's workdir.")
+        return make_consistency_distillation_loss(
+            sde, score_model, options["teacher_model"],
+            **{names[k]: v for k, v in options.items() if k in names})
     if loss == "consistency_training":
-        if not continuous:
-            raise ValueError("training.loss='consistency_training' needs "
-                             "training.continuous=True.")
         from diffusion.consistency_losses import make_consistency_training_loss
 
         names = {"total_steps": "total_steps", "ct_s0": "s0", "ct_s1": "s1",

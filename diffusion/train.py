@@ -44,7 +44,7 @@ from diffusion.parallel import put_batch as put_batch
 from diffusion.parallel import to_host
 from diffusion.progress import hms
 from diffusion.train_state import TrainState as TrainState
-from diffusion.train_state import abstract_train_state, start_from_workdir
+from diffusion.train_state import abstract_train_state, load_teacher, start_from_workdir
 from diffusion.train_state import count_params as count_params
 from diffusion.train_state import create_optimizer as create_optimizer
 from diffusion.train_state import create_train_state as create_train_state
@@ -91,6 +91,7 @@ def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, e
 
     importance_sampled = getattr(loss_fn, "importance_sampled", False)
     needs_step = getattr(loss_fn, "needs_step", False)     # consistency training's curriculum
+    uses_state = getattr(loss_fn, "uses_state", False)     # consistency distillation's target
 
     def device_step(state: TrainState, batch, key):
         def one_step(state: TrainState, batch):
@@ -107,6 +108,8 @@ def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, e
                 options = dict(level_probs=probs) if importance_sampled else {}
                 if needs_step:
                     options["step"] = state.step
+                if uses_state:
+                    options["state"] = state.loss_state
                 per_example = loss_fn(params, batch, keys, **options)
                 return jnp.mean(per_example), per_example
 
@@ -122,6 +125,8 @@ def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, e
                 loss_state = importance.update_history(loss_state, levels, seen)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
+            if uses_state:
+                loss_state = loss_fn.update_state(loss_state, params)
             decay = ema_decay(ema_rate, state.step + 1, ema_warmup)
             ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                                       state.ema_params, params)
@@ -251,6 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start = int(state.step)
     if start == 0 and t.init_workdir:
         state = start_from_workdir(exp, state, t.init_workdir, mesh)
+    if start == 0 and exp.teacher is not None:
+        state = load_teacher(exp, state, t.teacher_workdir, mesh)
     print(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
           f"({jax.devices()[0].platform}); {exp.description}, "
           f"{count_params(state.params):,} parameters; "
@@ -334,7 +341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 snapshot(state, step)
             if _itstime(step, t.eval_freq, t.n_iters):
                 logger.scalars(step, {"eval_loss": eval_loss(
-                    exp, state.ema_params, exp.eval.num_batches, exp.key("eval"))}, echo=False)
+                    exp, state.ema_params, exp.eval.num_batches, exp.key("eval"),
+                    state.loss_state)}, echo=False)
             if preempted:
                 print(f"Saved step {step} after a preemption signal; rerun the same command to "
                       f"resume.", flush=True)

@@ -57,25 +57,57 @@ class TrainState:
 def create_train_state(key: jax.Array, net, tx: optax.GradientTransformation,
                        example_x: jax.Array, example_y: jax.Array | None = None,
                        loss_state: Any = None) -> TrainState:
-    """Initialises the network on an example batch; EMA params start equal to params."""
+    """Initialises the network on an example batch; EMA params start equal to params.
+    loss_state may be a function of the fresh params."""
     t = jnp.ones((example_x.shape[0],), example_x.dtype)
     params = net.init(key, example_x, t, y=example_y, train=False)["params"]
+    if callable(loss_state):
+        loss_state = loss_state(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                       opt_state=tx.init(params), loss_state=loss_state)
 
 
-def initial_loss_state(loss_fn) -> Any:
-    """The fresh loss state of `loss_fn`: an empty level history if it is importance sampled."""
+def initial_loss_state(exp) -> Any:
+    """The fresh loss state of `exp.loss_fn`: an empty level history if it is importance
+    sampled; for consistency distillation a function of the params (the target network starts
+    as the student, the teacher's slot is zeros until `load_teacher` fills it)."""
+    loss_fn = exp.loss_fn
     if getattr(loss_fn, "importance_sampled", False):
         return importance.init_history(loss_fn.num_levels)
+    if getattr(loss_fn, "uses_state", False):
+        teacher = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                               _teacher_shapes(exp.teacher, exp.dataset.data_shape))
+        return lambda params: loss_fn.init_state(params, teacher)
     return None
+
+
+def _teacher_shapes(teacher, data_shape):
+    x = jnp.zeros((1, *data_shape), jnp.float32)
+    y = jnp.zeros((1,), jnp.int32) if teacher.conditional else None
+    return jax.eval_shape(lambda: teacher.net.init(jax.random.key(0), x, jnp.ones((1,)), y=y,
+                                                    train=False)["params"])
+
+
+def load_teacher(exp, state: TrainState, workdir: str, mesh: Mesh) -> TrainState:
+    """A fresh consistency-distillation state with the teacher's EMA weights (training.
+    teacher_workdir) in its loss state; the student and its target start from them too when
+    the networks have the same parameters (as the paper's CD)."""
+    teacher = restore_latest(exp.teacher, workdir, mesh).ema_params
+    same = (jax.tree_util.tree_structure(teacher) == jax.tree_util.tree_structure(state.params)
+            and jax.tree.map(jnp.shape, teacher) == jax.tree.map(jnp.shape, state.params))
+    if same:
+        copy = lambda tree: jax.tree.map(jnp.copy, tree)   # noqa: E731  (donated buffers)
+        state = state.replace(params=copy(teacher), ema_params=copy(teacher),
+                              opt_state=exp.tx.init(teacher))
+    loss_state = {"target": jax.tree.map(jnp.copy, state.params), "teacher": teacher}
+    return state.replace(loss_state=loss_state)
 
 
 def _create(exp) -> functools.partial:
     x = jnp.zeros((1, *exp.dataset.data_shape), jnp.float32)
     y = jnp.zeros((1,), jnp.int32) if exp.conditional else None
     return functools.partial(create_train_state, net=exp.net, tx=exp.tx, example_x=x, example_y=y,
-                             loss_state=initial_loss_state(exp.loss_fn))
+                             loss_state=initial_loss_state(exp))
 
 
 def abstract_train_state(exp, mesh: Mesh) -> TrainState:

@@ -33,9 +33,10 @@ The discrete chain (docs/iddpm.md; Ho et al. 2020, Nichol & Dhariwal 2021), on t
   :ddpm    L_simple (epsilon MSE at discrete levels), fixed variance
   :hybrid  learned variances, L_simple + 0.001 L_vlb
   :vlb     learned variances, the variational bound itself, importance-sampled levels
-Few-step generation (docs/consistency.md): :ct trains a consistency model by iCT's consistency
-training (Song & Dhariwal 2023) and samples it in 2 steps; with
---config.training.init_workdir=runs/digits it starts from the default run's weights (ECT).
+Few-step generation (docs/consistency.md): :cd distils the default run (train it first into
+runs/digits, or set --config.training.teacher_workdir) into a consistency model sampled in 2
+steps (Song et al. 2023); :ct trains one by iCT's consistency training (Song & Dhariwal 2023),
+and with --config.training.init_workdir=runs/digits starts from the default run's weights (ECT).
 Variants combine with a comma: --config experiments/digits.py:flow,smoke.
 
 Smoke variant (seconds on a CPU, used by the tests): --config experiments/digits.py:smoke
@@ -154,5 +155,14 @@ def _ct(config):
     config.sampling.times = "1.0,0.45"
 
 
+def _cd(config):
+    """Consistency distillation of the default run (the teacher, runs/digits; Song et al. 2023):
+    Heun steps of the teacher's ODE between 18 Karras levels, an EMA target (mu 0.95), L2;
+    the student starts from the teacher's weights and samples in 2 steps."""
+    _ct(config)
+    config.training.loss = "consistency_distillation"
+    config.training.teacher_workdir = "runs/digits"
+
+
 PROCESSES = {"flow": _flow, "v": _v, "edm": _edm, "ddpm": _ddpm, "hybrid": _hybrid, "vlb": _vlb,
-             "ct": _ct}
+             "ct": _ct, "cd": _cd}

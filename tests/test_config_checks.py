@@ -37,7 +37,7 @@ BAD_CONFIGS = [
     (digits, "sampling.stepz", 10, r"unknown key sampling\.stepz; sampler 'pc' takes"),
     (digits, "training.loss", "l2", r"training\.loss='l2' is not one of \['dsm', "
                                     r"'flow_matching', 'edm', 'hybrid', 'vlb', "
-                                    r"'consistency_training'\]"),
+                                    r"'consistency_training', 'consistency_distillation'\]"),
     (digits, "training.t_sampling", "logit_normal", r"training\.t_sampling='logit_normal' is set "
                                                     r"but not used by the DSM loss"),
     (digits, "training.p_mean", -1.0, r"training\.p_mean=-1\.0 is set but not used by the DSM "
@@ -119,7 +119,8 @@ def test_digits_variants_choose_process_parameterization_and_loss(variant, sde, 
     assert network(base) == network(other)      # the same network, steps and optimiser
     assert base.training.n_iters == other.training.n_iters and base.optim == other.optim
     with pytest.raises(ValueError,
-                       match="use one of \\['ct', 'ddpm', 'edm', 'flow', 'hybrid', 'v', 'vlb'\\]"):
+                       match="use one of \\['cd', 'ct', 'ddpm', 'edm', 'flow', 'hybrid', 'v', "
+                             "'vlb'\\]"):
         digits.get_config(f"{variant},edm" if variant != "edm" else "edm,v")
 
 

@@ -467,7 +467,7 @@ def test_edm_loss_of_an_edm_model_is_karras_effective_target(x64):
      r"training.p_std and data.sigma_data must be positive"),
     (lambda m: losses.get_loss_fn(FLOW, m, loss="fm"),
      r"Unknown loss 'fm': training.loss must be one of \['dsm', 'flow_matching', 'edm', "
-     r"'hybrid', 'vlb', 'consistency_training'\]"),
+     r"'hybrid', 'vlb', 'consistency_training', 'consistency_distillation'\]"),
     (lambda m: sde_lib.RectifiedFlow(T=1.0), r"RectifiedFlow needs 0 < T < 1"),
 ])
 def test_bad_options_raise_clear_errors(make, message):
