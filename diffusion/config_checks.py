@@ -199,6 +199,9 @@ def _value_problems(config) -> list[str]:
     if e.fid_num_samples < 2 or e.fid_batch_size < 1:
         problems.append(f"eval.fid_num_samples must be >= 2 and eval.fid_batch_size >= 1, got "
                         f"{e.fid_num_samples} and {e.fid_batch_size}")
+    if config.optim.get("optimizer", "adam") not in ("adam", "radam"):
+        problems.append(f"optim.optimizer must be 'adam' or 'radam', got "
+                        f"{config.optim.optimizer!r}")
     if not 0.0 <= config.model.ema_rate < 1.0:
         problems.append(f"model.ema_rate must be in [0, 1), got {config.model.ema_rate}")
     return problems + _name_problems(config)

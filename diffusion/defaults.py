@@ -16,7 +16,7 @@ complete):
   logit_mean, logit_std, p_mean, p_std, vlb_weight, importance_sampling, ct_s0, ct_s1, ct_p_mean,
   ct_p_std, teacher_workdir, target_ema, cd_levels, cd_solver, cd_distance, init_workdir,
   snapshot_sampling, keep_checkpoints};
-  optim.{lr, warmup, grad_clip, beta1, beta2, eps, weight_decay};
+  optim.{optimizer, lr, warmup, grad_clip, beta1, beta2, eps, weight_decay};
   sampling.{method, steps, spacing, variance, times, predictor, corrector, snr, n_steps_each,
   corrector_norm, noise_removal, denoiser, eps, order, eta, rho, s_churn, rtol, atol, ode_solver,
   batch_size, num_samples, labels, guidance, guidance_weight, classifier_workdir, task, task_input,
@@ -135,6 +135,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     training.keep_checkpoints = 3
 
     config.optim = optim = ml_collections.ConfigDict()
+    optim.optimizer = "adam"            # "adam" (AdamW with weight_decay) | "radam"
     optim.lr = 2e-4
     optim.warmup = 5000
     optim.grad_clip = 1.0               # global-norm clipping; <= 0 disables

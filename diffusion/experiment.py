@@ -200,7 +200,8 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False,
     if score_model is not None and m.get("num_classes") is not None:
         loss_fn = losses.with_label_dropout(loss_fn, m.label_dropout, m.num_classes)
     o = config.optim
-    tx = create_optimizer(o.lr, o.warmup, o.grad_clip, o.beta1, o.beta2, o.eps, o.weight_decay)
+    tx = create_optimizer(o.lr, o.warmup, o.grad_clip, o.beta1, o.beta2, o.eps, o.weight_decay,
+                          o.get("optimizer", "adam"))
     if m.get("num_classes") is not None and (dataset.num_classes or 1) > m.num_classes:
         raise ValueError(f"Dataset {d.dataset!r} has labels 0..{dataset.num_classes - 1}, but "
                          f"model.num_classes={m.num_classes}: labels out of range would share "

@@ -375,3 +375,33 @@ def test_distillation_keeps_the_teacher_and_an_ema_target(smoke_run, tmp_path):
         np.testing.assert_allclose(target, mu * t + (1 - mu) * p, rtol=1e-6, atol=1e-7)
     assert any(np.max(np.abs(t - p)) > 1e-3
                for t, p in zip(leaves(teacher.ema_params), leaves(state.params), strict=True))
+
+
+def test_the_cifar10_configs_carry_the_papers_settings():
+    """experiments/cd_cifar.py: configs/cifar10_ve_cd.py of openai/consistency_models_cifar10
+    (N 18, Heun, mu 0, RAdam lr 4e-4, 10M-image warmup at batch 512, no clipping, 800k steps,
+    EMA 0.9999, dropout 0) on EDM's process; experiments/ict_cifar.py: iCT's (s0 10, s1 1280,
+    P_mean -1.1, P_std 2.0, dropout 0.3, batch 1024, lr 1e-4, 400k steps, EMA 0.99993)."""
+    from diffusion import config_checks
+    from experiments import cd_cifar, ict_cifar
+
+    cd = cd_cifar.get_config()
+    config_checks.check_config(cd)     # raises if the config is invalid
+    t = cd.training
+    assert (t.loss, t.cd_levels, t.cd_solver, t.target_ema, t.batch_size, t.n_iters) == (
+        "consistency_distillation", 18, "heun", 0.0, 512, 800_001)
+    assert (cd.optim.optimizer, cd.optim.lr, cd.optim.warmup, cd.optim.grad_clip) == (
+        "radam", 4e-4, 19_531, 0.0)
+    assert (cd.model.parameterization, cd.model.ema_rate, cd.model.dropout) == (
+        "consistency", 0.9999, 0.0)
+    assert (cd.sde.name, cd.sde.sigma_min, cd.sde.sigma_max, cd.data.sigma_data) == (
+        "vesde", 0.002, 80.0, 0.5)
+    ict = ict_cifar.get_config()
+    config_checks.check_config(ict)
+    t = ict.training
+    assert (t.loss, t.ct_s0, t.ct_s1, t.ct_p_mean, t.ct_p_std, t.batch_size, t.n_iters) == (
+        "consistency_training", 10, 1280, -1.1, 2.0, 1024, 400_000)
+    assert (ict.model.dropout, ict.model.ema_rate, ict.optim.lr) == (0.3, 0.99993, 1e-4)
+    # sigma = 0.821, the two-step samplers' middle level, is t = 0.5678 on this VE SDE.
+    sde = sde_lib.VESDE(sigma_min=0.002, sigma_max=80.0)
+    assert abs(float(sde.marginal_coeffs(np.asarray([0.5678]))[1][0]) - 0.821) < 1e-3

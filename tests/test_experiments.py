@@ -29,8 +29,8 @@ EXPERIMENTS = [("digits", False), ("toy_2d", False), ("digits:hybrid", False),
                # the other SDE / loss / network presets.
                pytest.param("digits", True, marks=pytest.mark.slow),
                *(pytest.param(name, False, marks=pytest.mark.slow)
-                 for name in ("ddpm_cifar", "iddpm_cifar", "ve_cifar", "subvp_cifar", "edm_cifar",
-                              "digits:flow", "digits:v", "digits:edm"))]
+                 for name in ("ddpm_cifar", "iddpm_cifar", "ict_cifar", "ve_cifar", "subvp_cifar",
+                              "edm_cifar", "digits:flow", "digits:v", "digits:edm"))]
 # Higher resolutions: their smoke variants are only trained (and checkpointed), to save time.
 TRAIN_ONLY = ["vp_celeba64", "ve_celebahq256"]
 

@@ -80,6 +80,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion.models.layers import is_untrained
 from diffusion.sde import SDE, ScoreWithVelocity, _discrete_index, batch_broadcast
@@ -188,9 +189,11 @@ class ScoreModel:
             raise ValueError(f"model.parameterization={self.parameterization!r} scales the "
                              f"network input itself (c_in) and assumes data centred at 0: set "
                              f"model.scale_input=False and data.centered=True.")
-        if self.parameterization == "consistency" and not 0 < self.boundary_time < self.sde.T:
+        if self.parameterization == "consistency" and not (
+                0 <= self.boundary_time < self.sde.T and float(np.asarray(
+                    self.sde.marginal_coeffs(np.asarray([self.boundary_time]))[1])[0]) > 0):
             raise ValueError(f"A consistency model's boundary time (training.eps) must lie in "
-                             f"(0, T), got {self.boundary_time}.")
+                             f"[0, T) with sigma > 0 there, got {self.boundary_time}.")
         if self.sigma_data <= 0:
             raise ValueError(f"data.sigma_data (the data's std, EDM: 0.5) must be positive, got "
                              f"{self.sigma_data}.")
