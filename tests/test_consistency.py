@@ -405,3 +405,65 @@ def test_the_cifar10_configs_carry_the_papers_settings():
     # sigma = 0.821, the two-step samplers' middle level, is t = 0.5678 on this VE SDE.
     sde = sde_lib.VESDE(sigma_min=0.002, sigma_max=80.0)
     assert abs(float(sde.marginal_coeffs(np.asarray([0.5678]))[1][0]) - 0.821) < 1e-3
+
+
+def _train_on_gaussian_data(loss_name, steps=500, seed=0):
+    """A small consistency MLP trained by CD (exact teacher) or CT on 1-D N(MU, S^2) data under
+    the VP SDE; returns the RMS distance of its f to the exact flow map, in units of S, over
+    x_t drawn from the marginals at a few times."""
+    import optax
+
+    sde = sde_lib.VPSDE()
+    net = models.MLP(hidden=64, n_layers=2)
+    model = models.make_score_model(net, sde, "consistency", boundary_time=1e-3, sigma_data=S)
+    params = net.init(jax.random.key(seed), jnp.zeros((1, 1)), jnp.zeros((1,)))["params"]
+    if loss_name == "cd":
+        teacher = lambda p, x, t, y=None: exact_score(sde)(x, t)   # noqa: E731
+        loss_fn = consistency_losses.make_consistency_distillation_loss(
+            sde, model, teacher, num_levels=18, target_ema=0.0)
+        state = loss_fn.init_state(params, None)
+    else:
+        loss_fn = consistency_losses.make_consistency_training_loss(sde, model,
+                                                                    total_steps=steps)
+        state = None
+    tx = optax.adam(optax.cosine_decay_schedule(3e-3, steps))
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, state, k, i):
+        x0 = MU + S * jax.random.normal(jax.random.fold_in(k, 0), (512, 1))
+        keys = jax.random.split(jax.random.fold_in(k, 1), 512)
+        if loss_name == "cd":
+            f = lambda p: jnp.mean(loss_fn(p, {"x": x0}, keys, state))   # noqa: E731
+        else:
+            f = lambda p: jnp.mean(loss_fn(p, {"x": x0}, keys, step=i))   # noqa: E731
+        grads = jax.grad(f)(params)
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+        if loss_name == "cd":
+            state = loss_fn.update_state(state, params)
+        return params, opt, state
+
+    key = jax.random.key(seed + 10)
+    for i in range(steps):
+        params, opt, state = step(params, opt, state, jax.random.fold_in(key, i), i)
+    errors = []
+    for t in (0.2, 0.5, 1.0):
+        tt = jnp.full((4000,), t)
+        a, s = (float(c[0]) for c in sde.marginal_coeffs(tt[:1]))
+        x = a * MU + math.sqrt(a**2 * S**2 + s**2) * jax.random.normal(jax.random.key(7),
+                                                                        (4000, 1))
+        exact = MU + (x - a * MU) * S / math.sqrt(a**2 * S**2 + s**2)
+        got = model.consistency_function(params, x, tt)
+        errors.append(float(jnp.sqrt(jnp.mean((got - exact) ** 2))) / S)
+    return errors
+
+
+@pytest.mark.parametrize("loss_name", ["cd", "ct"])
+def test_a_small_mlp_learns_the_exact_flow_map(loss_name):
+    """Trained by CD (the exact teacher, target mu = 0 as the CIFAR-10 config) or CT for 500
+    steps on 1-D Gaussian data, the consistency function is within 0.15 S (RMS over the
+    marginal) of the exact flow map at t = 0.2, 0.5 and 1. Measured: CD 0.05 / 0.09 / 0.09,
+    CT 0.03 / 0.08 / 0.09; untrained 1.0 / 1.6 / 1.7."""
+    errors = _train_on_gaussian_data(loss_name)
+    assert max(errors) < 0.15, errors
