@@ -459,6 +459,7 @@ def _train_on_gaussian_data(loss_name, steps=500, seed=0):
     return errors
 
 
+@pytest.mark.slow   # 10-15 s each (500 training steps); the losses are tested above in closed form
 @pytest.mark.parametrize("loss_name", ["cd", "ct"])
 def test_a_small_mlp_learns_the_exact_flow_map(loss_name):
     """Trained by CD (the exact teacher, target mu = 0 as the CIFAR-10 config) or CT for 500

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # and evaluated on tfds images run with -m slow (a minute each on 2 cores). The others repeat
 # those loops with another SDE / loss / network preset (their pieces are tested on their own) and
 # run with -m slow.
-EXPERIMENTS = [("digits", False), ("toy_2d", False), ("digits:hybrid", False),
+EXPERIMENTS = [("digits", False), ("toy_2d", False),
                pytest.param("vp_cifar", False, marks=pytest.mark.slow),
                # FID / KID of the digits smoke run (the Inception network at 299 x 299 compiles
                # for a minute on 2 cores): with the slow set, as are the 2-process FID test and
@@ -30,7 +30,8 @@ EXPERIMENTS = [("digits", False), ("toy_2d", False), ("digits:hybrid", False),
                pytest.param("digits", True, marks=pytest.mark.slow),
                *(pytest.param(name, False, marks=pytest.mark.slow)
                  for name in ("ddpm_cifar", "iddpm_cifar", "ict_cifar", "ve_cifar", "subvp_cifar",
-                              "edm_cifar", "digits:flow", "digits:v", "digits:edm"))]
+                              "edm_cifar", "digits:flow", "digits:v", "digits:edm",
+                              "digits:hybrid", "digits:ct"))]
 # Higher resolutions: their smoke variants are only trained (and checkpointed), to save time.
 TRAIN_ONLY = ["vp_celeba64", "ve_celebahq256"]
 
