@@ -185,6 +185,17 @@ def selected(listed: str, known: dict, runs: str, workdir=lambda name: name) -> 
     return names
 
 
+def run_rows(args, rows: dict, filename: str, measure, table) -> None:
+    """The row benchmarks' main: rows `args.rows` (each (label, run, ...), its run the workdir
+    <args.runs>/<run>) measured into <args.runs>/<filename> unless `args.table`, then the
+    table printed."""
+    names = selected(args.rows, rows, args.runs, lambda row: rows[row][1])
+    path = os.path.join(args.runs, filename)
+    if not args.table:
+        measure(args, names, path)
+    table(path, names)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default="runs/compare", help="folder of the four workdirs")

@@ -35,7 +35,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare_digits import _load, _record, _settings, fid, selected  # noqa: E402
+from compare_digits import _load, _record, _settings, fid, run_rows  # noqa: E402
 
 from diffusion import evaluate, experiment  # noqa: E402
 from diffusion.parallel import data_mesh  # noqa: E402
@@ -113,12 +113,7 @@ def main() -> None:
                         help="FID columns to measure ('' for none)")
     parser.add_argument("--no_bpd", action="store_true", help="skip the ODE likelihood")
     parser.add_argument("--table", action="store_true", help="only print the table")
-    args = parser.parse_args()
-    rows = selected(args.rows, ROWS, args.runs, lambda row: ROWS[row][1])
-    path = os.path.join(args.runs, "iddpm_digits.jsonl")
-    if not args.table:
-        measure(args, rows, path)
-    table(path, rows)
+    run_rows(parser.parse_args(), ROWS, "iddpm_digits.jsonl", measure, table)
 
 
 if __name__ == "__main__":
