@@ -246,7 +246,30 @@ def _name_problems(config) -> list[str]:
     if (s.method == "pc" and s.predictor in NONE_NAMES and s.corrector in NONE_NAMES):
         problems.append("sampling.predictor and sampling.corrector are both 'none': the PC "
                         "sampler needs at least one")
-    return problems + guidance_problems(config) + chain_problems(config)
+    return (problems + guidance_problems(config) + chain_problems(config)
+            + consistency_problems(config))
+
+
+def consistency_problems(config) -> list[str]:
+    """The problems of a consistency model's config (`diffusion.consistency_losses`)."""
+    t, m = config.training, config.model
+    problems = []
+    if t.loss.startswith("consistency") and m.parameterization != "consistency":
+        problems.append(f"training.loss={t.loss!r} trains a consistency function: set "
+                        f"model.parameterization='consistency'")
+    if t.loss == "consistency_distillation" and not t.teacher_workdir:
+        problems.append("training.loss='consistency_distillation' needs "
+                        "training.teacher_workdir, the workdir of a trained diffusion model")
+    if t.loss == "consistency_distillation":
+        from diffusion.consistency_losses import CD_DISTANCES, CD_SOLVERS
+
+        if t.cd_solver not in CD_SOLVERS or t.cd_distance not in CD_DISTANCES:
+            problems.append(f"training.cd_solver must be one of {list(CD_SOLVERS)} and "
+                            f"training.cd_distance one of {list(CD_DISTANCES)}")
+        if not 0.0 <= t.target_ema < 1.0 or t.cd_levels < 2:
+            problems.append(f"training.target_ema must be in [0, 1) and training.cd_levels >= 2, "
+                            f"got {t.target_ema} and {t.cd_levels}")
+    return problems
 
 
 def parse_times(text: str) -> tuple[float, ...] | None:

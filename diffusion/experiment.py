@@ -167,9 +167,6 @@ def build(config: ml_collections.ConfigDict, *, shape_only_data: bool = False,
     t, m, d = config.training, config.model, config.data
     teacher = None
     if t.loss == "consistency_distillation":
-        if not t.teacher_workdir:
-            raise ValueError("training.loss='consistency_distillation' needs "
-                             "training.teacher_workdir, a trained diffusion model's workdir.")
         teacher = workdir_experiment(t.teacher_workdir, "training.teacher_workdir",
                                      "a diffusion model (e.g. experiments/digits.py)")
     sampling = sampling_settings(config.sampling)

@@ -468,3 +468,25 @@ def test_a_small_mlp_learns_the_exact_flow_map(loss_name):
     CT 0.03 / 0.08 / 0.09; untrained 1.0 / 1.6 / 1.7."""
     errors = _train_on_gaussian_data(loss_name)
     assert max(errors) < 0.15, errors
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"training.loss": "consistency_training"},
+     r"training\.loss='consistency_training' trains a consistency function: set "
+     r"model\.parameterization='consistency'"),
+    ({"training.loss": "consistency_distillation", "model.parameterization": "consistency",
+      "training.reduce_mean": False},
+     r"needs training\.teacher_workdir, the workdir of a trained diffusion model"),
+    ({"sampling.method": "consistency", "sampling.times": "0.5,1.0"},
+     r"sampling\.times='0\.5,1\.0' must start at T = 1\.0 and decrease strictly above 0"),
+])
+def test_a_consistency_config_that_cannot_run_is_one_clear_error(changes, message):
+    from diffusion import config_checks
+    from experiments import digits
+
+    config = digits.get_config()
+    for key, value in changes.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    with pytest.raises(ValueError, match=message):
+        config_checks.check_config(config)
