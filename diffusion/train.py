@@ -254,14 +254,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     manager = checkpointing.make_manager(workdir, max_to_keep=t.keep_checkpoints)
     state = restore_or_init(exp, manager, mesh)
     start = int(state.step)
+    origin = f"resuming from step {start}" if start else "starting from scratch"
     if start == 0 and t.init_workdir:
         state = start_from_workdir(exp, state, t.init_workdir, mesh)
+        origin = f"starting from the weights of {t.init_workdir}"
     if start == 0 and exp.teacher is not None:
-        state = load_teacher(exp, state, t.teacher_workdir, mesh)
+        state, from_teacher = load_teacher(exp, state, t.teacher_workdir, mesh)
+        origin = (f"starting from the teacher's weights ({t.teacher_workdir})" if from_teacher
+                  else origin) + ", distilling its ODE"
     print(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
           f"({jax.devices()[0].platform}); {exp.description}, "
-          f"{count_params(state.params):,} parameters; "
-          f"{'resuming from step ' + str(start) if start else 'starting from scratch'}", flush=True)
+          f"{count_params(state.params):,} parameters; {origin}", flush=True)
     if start >= t.n_iters:
         print(f"Nothing to do: checkpoint step {start} >= training.n_iters {t.n_iters}.")
         manager.close()

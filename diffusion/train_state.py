@@ -99,10 +99,11 @@ def _teacher_shapes(teacher, data_shape):
                                                     train=False)["params"])
 
 
-def load_teacher(exp, state: TrainState, workdir: str, mesh: Mesh) -> TrainState:
+def load_teacher(exp, state: TrainState, workdir: str, mesh: Mesh) -> tuple[TrainState, bool]:
     """A fresh consistency-distillation state with the teacher's EMA weights (training.
     teacher_workdir) in its loss state; the student and its target start from them too when
-    the networks have the same parameters (as the paper's CD)."""
+    the networks have the same parameters (as the paper's CD). Returns (state, whether the
+    student starts from the teacher)."""
     teacher = restore_latest(exp.teacher, workdir, mesh).ema_params
     same = (jax.tree_util.tree_structure(teacher) == jax.tree_util.tree_structure(state.params)
             and jax.tree.map(jnp.shape, teacher) == jax.tree.map(jnp.shape, state.params))
@@ -111,7 +112,7 @@ def load_teacher(exp, state: TrainState, workdir: str, mesh: Mesh) -> TrainState
         state = state.replace(params=copy(teacher), ema_params=copy(teacher),
                               opt_state=exp.tx.init(teacher))
     loss_state = {"target": jax.tree.map(jnp.copy, state.params), "teacher": teacher}
-    return state.replace(loss_state=loss_state)
+    return state.replace(loss_state=loss_state), same
 
 
 def _create(exp) -> functools.partial:
