@@ -490,3 +490,25 @@ def test_a_consistency_config_that_cannot_run_is_one_clear_error(changes, messag
         config[section][field] = value
     with pytest.raises(ValueError, match=message):
         config_checks.check_config(config)
+
+
+def test_inpainting_with_consistency_sampling():
+    """Their Alg. 4 through guidance's replacement of the denoiser: with the exact flow map of
+    independent N(MU, S^2) coordinates, the known coordinate is returned exactly and the unknown
+    one has the law of plain consistency sampling (it does not depend on the known one); two
+    evaluations for two times."""
+    from diffusion import guidance
+
+    sde = PROCESSES["vp"]
+    known = jnp.stack([jnp.full((N,), 1.3), jnp.zeros((N,))], axis=1)
+    mask = jnp.asarray([[1.0, 0.0]])
+    times = (1.0, 0.5)
+    x, nfe = jax.jit(lambda k: guidance.inpaint_sample(
+        k, sde, flow_map_score(sde), known, mask, None, sampler="consistency", times=times))(
+        jax.random.key(2))
+    assert nfe == 2
+    np.testing.assert_array_equal(np.asarray(x[:, 0]), np.full((N,), 1.3, np.float32))
+    free = np.asarray(x[:, 1], np.float64)
+    mean, var = law_of_samples(sde, times)
+    assert abs(free.mean() - mean) < 4 * math.sqrt(var / N)
+    assert abs(free.var() - var) < 4 * var * math.sqrt(2.0 / N)
