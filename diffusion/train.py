@@ -84,9 +84,14 @@ def make_device_step(loss_fn: losses.LossFn, tx: optax.GradientTransformation, e
     `lax.scan` (one traced step; see below for why not on XLA:CPU). Both give the same state.
     Gradients and metrics are averaged over `axis_name` with `lax.pmean`. The noise of example j
     of this device in step s comes from fold_in(fold_in(key, s), axis_index * b + j).
-    Returns metrics {"loss", "grad_norm"}, each (n_jitted_steps,). An importance-sampled loss
+    Returns metrics {"loss", "grad_norm"}, each (n_jitted_steps,).
+
+    Losses with state (the attributes they carry): an importance-sampled loss
     (`losses.make_vlb_loss`) draws its levels from the history in `state.loss_state`, which
-    every device then updates with the global batch's losses (`diffusion.importance`).
+    every device then updates with the global batch's losses (`diffusion.importance`);
+    consistency training is told the step (its curriculum); consistency distillation reads its
+    target network and teacher from `state.loss_state` and updates the target after the
+    optimizer step (`consistency_losses`).
     """
 
     importance_sampled = getattr(loss_fn, "importance_sampled", False)
