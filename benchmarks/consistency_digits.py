@@ -50,7 +50,13 @@ ROWS = {
     "ect_1": ("CT from the teacher (ECT), 1 step", "ect", "ct", "consistency", {"times": "1.0"}),
     "ect_2": ("CT from the teacher (ECT), 2 steps", "ect", "ct", "consistency",
               {"times": "1.0,0.45"}),
+    # Optional (--rows): CD with the CIFAR-10 config's mu = 0 and a fine-tuning lr, trained by
+    # adding --config.training.target_ema=0 --config.optim.lr=4e-4 into <runs>/cd_mu0.
+    "cd_mu0_1": ("CD, mu 0, lr 4e-4, 1 step", "cd_mu0", "cd", "consistency", {"times": "1.0"}),
+    "cd_mu0_2": ("CD, mu 0, lr 4e-4, 2 steps", "cd_mu0", "cd", "consistency",
+                 {"times": "1.0,0.45"}),
 }
+DEFAULT_ROWS = [row for row in ROWS if not row.startswith("cd_mu0")]
 
 
 def training_seconds(workdir: str) -> float | None:
@@ -76,7 +82,7 @@ def measure(args, rows, path: str) -> None:
         _, run, variant, method, options = ROWS[row]
         workdir = os.path.join(args.runs, run)
         config = digits.get_config(variant)
-        if run == "cd":
+        if variant == "cd":
             config.training.teacher_workdir = os.path.join(args.runs, "teacher")
         config.eval.fid_stats_dir = os.path.join(args.runs, "fid_stats")
         config.sampling.batch_size = 250
@@ -118,7 +124,8 @@ def table(path: str, rows) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default="runs/cm", help="folder of the four workdirs")
-    parser.add_argument("--rows", default=",".join(ROWS), help="subset of " + str(list(ROWS)))
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                        help="subset of " + str(list(ROWS)))
     parser.add_argument("--fid_samples", type=int, default=2000)
     parser.add_argument("--table", action="store_true", help="only print the table")
     run_rows(parser.parse_args(), ROWS, "consistency_digits.jsonl", measure, table)
