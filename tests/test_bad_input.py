@@ -39,7 +39,8 @@ BAD_VALUES = [
     ("model.name", "resnet", r"Unknown model 'resnet': config\.model\.name must be one of "
                              r"\['classifier', 'ddpmpp', 'mlp', 'ncsnpp', 'unet'\]"),
     ("sampling.method", "magic", r"Unknown sampler 'magic': config\.sampling\.method must be "
-                                 r"one of \['ddim', 'dpm_solver', 'edm', 'ode', 'pc'\]"),
+                                 r"one of \['consistency', 'ddim', 'ddpm', 'dpm_solver', 'edm', "
+                                 r"'ode', 'pc'\]"),
     ("data.dataset", "no_such_dataset_xyz", r"Unknown dataset 'no_such_dataset_xyz': it is "
                                             r"neither embedded \(digits, gmm, moons, swiss_roll\)"),
     ("model.parameterization", "eps", r"Unknown parameterization 'eps'"),
