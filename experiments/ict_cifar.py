@@ -15,9 +15,9 @@ step at sigma = 0.821, t = 0.5678 here). iCT's code is not public: these values 
 NCSN++ in the paper, EDM's DDPM++ here (as experiments/edm_cifar.py).
 
 Expected (Song & Dhariwal 2023, Table 2, CIFAR-10): FID 2.83 in one step, 2.46 in two
-(iCT-deep: 2.51, 2.24); recalled from the paper, which could not be re-read where this config
-was written. Not measured with this codebase. ECT (Geng et al. 2024) starts the same
-training from a diffusion model: --config.training.init_workdir=runs/edm_cifar.
+(iCT-deep: 2.51, 2.24); not yet checked against the PDF. Not measured with this codebase.
+ECT (Geng et al. 2024) starts the same training from a diffusion model:
+--config.training.init_workdir=runs/edm_cifar.
 """
 
 from experiments import edm_cifar, vp_cifar

@@ -21,9 +21,8 @@ Variants: `:vlb` trains L_vlb itself with importance-sampled levels (their `--us
 Expected (Nichol & Dhariwal 2021, arXiv:2102.09672, unconditional CIFAR-10): NLL 2.94 bits/dim
 with L_vlb (the bound on the test set; Table 3, the comparison with other likelihood-based
 models) and FID 2.90 with L_hybrid and the cosine schedule (Table 2, the CIFAR-10 ablation of
-schedules and objectives). The table numbers are as recalled from the paper, which could not be
-re-read where this config was written: check them against the PDF. Not measured with this
-codebase.
+schedules and objectives); these two numbers and their table numbers are not yet checked
+against the PDF. Not measured with this codebase.
 
 Differences from their network, which this codebase's U-Net (DDPM's, `models/unet.py`) does not
 have: improved-diffusion's U-Net uses 4-head attention, scale-shift normalisation of the noise
