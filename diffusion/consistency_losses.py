@@ -118,17 +118,32 @@ def teacher_step(sde, teacher_score, x: Array, t_from: Array, t_to: Array, sigma
                  sigma_to: Array, solver: str = "heun") -> Array:
     """One step of the teacher's probability-flow ODE from t_from to t_to (each (B,)), written on
     sigma~ for every process: d(x / alpha) / d sigma~ = (x / alpha - D(x, t)) / sigma~ (EDM's
-    form), D the teacher's denoiser; Euler, or Heun (a second evaluation at t_to)."""
+    form), D the teacher's denoiser; Euler, Heun (a second evaluation at t_to), or
+    "dpm_solver": DPM-Solver++(2S) (Lu et al. 2022) with its midpoint in log-SNR,
+    sigma~_mid = sqrt(sigma~_from sigma~_to): x~ -> r x~ + (1 - r) D, r the ratio of sigma~s,
+    to the midpoint with D(x_from), then over the whole step with D(x_mid)."""
     from diffusion.sde_base import data_prediction
 
-    def slope(x, t, sigma_tilde):
+    def denoise(x, t):
         alpha, sigma = sde.marginal_coeffs(t)
-        d = data_prediction(x, teacher_score(x, t), alpha, sigma)
-        return (x / batch_broadcast(alpha, x) - d) / batch_broadcast(sigma_tilde, x)
+        return data_prediction(x, teacher_score(x, t), alpha, sigma)
+
+    def slope(x, t, sigma_tilde):
+        alpha, _ = sde.marginal_coeffs(t)
+        return (x / batch_broadcast(alpha, x) - denoise(x, t)) / batch_broadcast(sigma_tilde, x)
 
     alpha_from, _ = sde.marginal_coeffs(t_from)
     alpha_to, _ = sde.marginal_coeffs(t_to)
     x_tilde = x / batch_broadcast(alpha_from, x)
+    if solver == "dpm_solver":
+        sigma_mid = jnp.sqrt(sigma_from * sigma_to)
+        t_mid = sde.t_of_log_snr(-jnp.log(sigma_mid))
+        r_mid = batch_broadcast(sigma_mid / sigma_from, x)
+        u = r_mid * x_tilde + (1.0 - r_mid) * denoise(x, t_from)
+        alpha_mid, _ = sde.marginal_coeffs(t_mid)
+        d_mid = denoise(batch_broadcast(alpha_mid, x) * u, t_mid)
+        r = batch_broadcast(sigma_to / sigma_from, x)
+        return batch_broadcast(alpha_to, x) * (r * x_tilde + (1.0 - r) * d_mid)
     h = batch_broadcast(sigma_to - sigma_from, x)
     d1 = slope(x, t_from, sigma_from)
     euler = x_tilde + h * d1
@@ -138,7 +153,7 @@ def teacher_step(sde, teacher_score, x: Array, t_from: Array, t_to: Array, sigma
     return batch_broadcast(alpha_to, x) * (x_tilde + 0.5 * h * (d1 + d2))
 
 
-CD_SOLVERS = ("euler", "heun")
+CD_SOLVERS = ("euler", "heun", "dpm_solver")
 CD_DISTANCES = ("l2", "pseudo_huber")
 
 

@@ -127,7 +127,8 @@ def get_default_config() -> ml_collections.ConfigDict:
                                         # config.json and EMA weights)
     training.target_ema = 0.95          # consistency_distillation: the target network's EMA mu
     training.cd_levels = 18             # consistency_distillation: Karras levels N (CIFAR: 18)
-    training.cd_solver = "heun"         # consistency_distillation: the teacher's ODE step
+    training.cd_solver = "heun"         # consistency_distillation: the teacher's ODE step,
+                                        # "euler" | "heun" | "dpm_solver" (DPM-Solver++(2S))
     training.cd_distance = "l2"         # consistency_distillation: "l2" | "pseudo_huber"
     training.init_workdir = ""          # start from the EMA weights of the run in this workdir
                                         # (same network; ECT's start from a diffusion model)
