@@ -89,7 +89,10 @@ def test_smoke_variant_trains_samples_and_evaluates(name, fid, smoke_run, reques
     if likelihood_key in record:   # an untrained model is far from the data, but not absurd
         assert 0.0 < record.get("bpd", 1.0) < 100.0
     if not config.training.continuous:   # discrete models: DDPM's bound, on all N levels
-        assert 0.0 < record["vlb_prior_bpd"] < record["vlb_bpd"] < 100.0
+        # (an untrained model's KL terms against the small posterior variances are large: 741
+        # bits/dim for iddpm_cifar:smoke's 10-level cosine chain, 24 for digits:hybrid,smoke)
+        assert np.isfinite(record["vlb_bpd"])
+        assert 0.0 < record["vlb_prior_bpd"] < record["vlb_bpd"]
         assert 0.0 < record["vlb_decoder_bpd"] < record["vlb_bpd"]
     if fid:   # an untrained model's noise is far from the data in Inception space
         assert record["fid"] > 10.0 and record["kid"] > 0.0
