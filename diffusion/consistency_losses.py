@@ -28,7 +28,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from diffusion import rng
+from diffusion.losses import _draw, level_of
 from diffusion.sde_base import SDE, batch_broadcast
 
 Array = jax.Array
@@ -59,6 +59,12 @@ def lognormal_pair_probs(sigmas: Array, n: Array, p_mean: float = -1.1,
     return mass / jnp.sum(mass)
 
 
+def _sigma_range(sde: SDE, boundary_time: float) -> tuple[float, float]:
+    """sigma~ = sigma / alpha at the boundary time and at T."""
+    alpha, sigma = sde.marginal_coeffs(jnp.asarray([boundary_time, sde.T], jnp.float32))
+    return tuple(float(v) for v in sigma / alpha)
+
+
 def pseudo_huber(diff: Array, c: float) -> Array:
     """sqrt(||diff||^2 + c^2) - c per example (over all non-batch dimensions)."""
     sq = jnp.sum(jnp.reshape(diff, (diff.shape[0], -1)) ** 2, axis=1)
@@ -75,9 +81,7 @@ def make_consistency_training_loss(sde: SDE, score_model, *, total_steps: int,
         raise ValueError("training.loss='consistency_training' trains a consistency function: "
                          "set model.parameterization='consistency'.")
     b = score_model.boundary_time
-    ends = jnp.asarray([b, sde.T], jnp.float32)
-    alpha, sigma = sde.marginal_coeffs(ends)
-    sigma_min, sigma_max = (float(v) for v in sigma / alpha)
+    sigma_min, sigma_max = _sigma_range(sde, b)
     size = s1 + 1
 
     def time_of(sigma_tilde):
@@ -85,10 +89,7 @@ def make_consistency_training_loss(sde: SDE, score_model, *, total_steps: int,
 
     def loss_fn(params, batch, key, step=0):
         x0 = batch["x"]
-        keys = rng.per_example(key, x0.shape[0])
-        z = rng.normal(rng.fold_in(keys, rng.NOISE), x0.shape, x0.dtype)
-        u = jax.vmap(jax.random.uniform)(rng.fold_in(keys, rng.TIME))
-        dropout_rng = jax.random.fold_in(keys[0], rng.DROPOUT)
+        z, u, dropout_rng = _draw(key, x0)
         n = curriculum(step, total_steps, s0, s1)
         sigmas = karras_levels(sigma_min, sigma_max, n, size, rho)
         cdf = jnp.cumsum(lognormal_pair_probs(sigmas, n, p_mean, p_std))
@@ -183,8 +184,7 @@ def make_consistency_distillation_loss(sde: SDE, score_model, teacher_model, *,
     if num_levels < 2:
         raise ValueError(f"training.cd_levels must be >= 2, got {num_levels}.")
     b = score_model.boundary_time
-    alpha, sigma = sde.marginal_coeffs(jnp.asarray([b, sde.T], jnp.float32))
-    sigma_min, sigma_max = (float(v) for v in sigma / alpha)
+    sigma_min, sigma_max = _sigma_range(sde, b)
     sigmas = karras_levels(sigma_min, sigma_max, jnp.int32(num_levels), num_levels, rho)
     times = jnp.concatenate([jnp.asarray([b], jnp.float32),
                              sde.t_of_log_snr(-jnp.log(sigmas[1:-1]), t_min=b),
@@ -192,11 +192,8 @@ def make_consistency_distillation_loss(sde: SDE, score_model, teacher_model, *,
 
     def loss_fn(params, batch, key, state):
         x0 = batch["x"]
-        keys = rng.per_example(key, x0.shape[0])
-        z = rng.normal(rng.fold_in(keys, rng.NOISE), x0.shape, x0.dtype)
-        u = jax.vmap(jax.random.uniform)(rng.fold_in(keys, rng.TIME))
-        i = jnp.minimum(jnp.floor(u * (num_levels - 1)), num_levels - 2).astype(jnp.int32)
-        dropout_rng = jax.random.fold_in(keys[0], rng.DROPOUT)
+        z, u, dropout_rng = _draw(key, x0)
+        i = level_of(u, num_levels - 1)                  # the pair (i, i + 1)
         y = batch.get("label")
         t_hi, t_lo = times[i + 1], times[i]
         a, s = sde.marginal_coeffs(t_hi)

@@ -176,7 +176,17 @@ def _draw_level(key: Array, x0: Array, num_levels: int) -> tuple[Array, Array, A
     """Per-example noise z like x0 and a level i ~ U{0, ..., num_levels - 1} (B,), plus one
     dropout key; as `_draw`, each example's draws come from its own key."""
     z, u, dropout_rng = _draw(key, x0)
-    return z, jnp.minimum(jnp.floor(u * num_levels), num_levels - 1).astype(jnp.int32), dropout_rng
+    return z, level_of(u, num_levels), dropout_rng
+
+
+def level_of(u: Array, num_levels: int, probs: Array | None = None) -> Array:
+    """The level (B,) int32 of uniforms u (B,): uniform on 0 .. N - 1, or distributed as `probs`
+    (N,) by the inverse CDF (importance sampling; `diffusion.importance`)."""
+    if probs is None:
+        return jnp.minimum(jnp.floor(u * num_levels), num_levels - 1).astype(jnp.int32)
+    cdf = jnp.cumsum(probs)
+    return jnp.minimum(jnp.searchsorted(cdf, u * cdf[-1], side="right"),
+                       num_levels - 1).astype(jnp.int32)
 
 
 def _check_discrete_model(score_model, loss: str) -> None:
@@ -240,12 +250,7 @@ def draw_levels(key: Array, batch: int, num_levels: int, probs: Array | None = N
     0 .. N - 1, or from `probs` (N,) by the inverse CDF of the example's u (importance
     sampling; `diffusion.importance`)."""
     keys = rng.per_example(key, batch)
-    u = jax.vmap(jax.random.uniform)(rng.fold_in(keys, rng.TIME))
-    if probs is None:
-        return jnp.minimum(jnp.floor(u * num_levels), num_levels - 1).astype(jnp.int32)
-    cdf = jnp.cumsum(probs)
-    return jnp.minimum(jnp.searchsorted(cdf, u * cdf[-1], side="right"),
-                       num_levels - 1).astype(jnp.int32)
+    return level_of(jax.vmap(jax.random.uniform)(rng.fold_in(keys, rng.TIME)), num_levels, probs)
 
 
 def make_vlb_loss(sde: SDE, score_model: Callable, *, loss: str = "hybrid",
@@ -279,8 +284,8 @@ def make_vlb_loss(sde: SDE, score_model: Callable, *, loss: str = "hybrid",
 
     def loss_fn(params, batch, key, level_probs=None):
         x0 = batch["x"]
-        z, _, dropout_rng = _draw(key, x0)
-        i = draw_levels(key, x0.shape[0], n, level_probs)
+        z, u, dropout_rng = _draw(key, x0)
+        i = level_of(u, n, level_probs)
         alpha, sigma = (batch_broadcast(chain.table(c)[i], x0) for c in ("alpha", "sigma"))
         xt = alpha * x0 + sigma * z
         score, v = score_model.at_level_with_variance(params, xt, i, y=batch.get("label"),

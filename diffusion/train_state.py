@@ -105,8 +105,7 @@ def load_teacher(exp, state: TrainState, workdir: str, mesh: Mesh) -> tuple[Trai
     the networks have the same parameters (as the paper's CD). Returns (state, whether the
     student starts from the teacher)."""
     teacher = restore_latest(exp.teacher, workdir, mesh).ema_params
-    same = (jax.tree_util.tree_structure(teacher) == jax.tree_util.tree_structure(state.params)
-            and jax.tree.map(jnp.shape, teacher) == jax.tree.map(jnp.shape, state.params))
+    same = _same_parameters(teacher, state.params)
     if same:
         copy = lambda tree: jax.tree.map(jnp.copy, tree)   # noqa: E731  (donated buffers)
         state = state.replace(params=copy(teacher), ema_params=copy(teacher),
@@ -172,15 +171,19 @@ def start_from_workdir(exp, state: TrainState, workdir: str, mesh: Mesh) -> Trai
 
     source = experiment.workdir_experiment(workdir, "training.init_workdir", "a model")
     params = restore_latest(source, workdir, mesh).ema_params
-    ours = jax.tree_util.tree_structure(state.params), jax.tree.map(jnp.shape, state.params)
-    theirs = jax.tree_util.tree_structure(params), jax.tree.map(jnp.shape, params)
-    if ours != theirs:
+    if not _same_parameters(params, state.params):
         raise ValueError(f"training.init_workdir={workdir} holds a {source.description} run, "
                          f"whose network's parameters differ from this config's: use the same "
                          f"model settings, or no init_workdir.")
     # Two buffers: the train step donates the state, and one buffer cannot be donated twice.
     return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
                          opt_state=exp.tx.init(params))
+
+
+def _same_parameters(a, b) -> bool:
+    """Whether two parameter trees have the same names and shapes."""
+    return (jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+            and jax.tree.map(jnp.shape, a) == jax.tree.map(jnp.shape, b))
 
 
 def count_params(params) -> int:
