@@ -317,6 +317,12 @@ def chain_problems(config) -> list[str]:
             problems.append(f"sampling.method='ddpm' steps along a DDPM / SMLD chain; SDE "
                             f"{config.sde.name!r} has none (use 'vpsde', 'cosine_vpsde', "
                             f"'vesde', or another sampler)")
+        elif config.training.continuous:
+            problems.append("sampling.method='ddpm' samples a discrete-time model's chain "
+                            "(training.continuous=False; its level 0 is at t = 0, where a "
+                            "continuous model's score is infinite); for a continuous model use "
+                            "sampling.method='pc' with sampling.predictor='ancestral', or "
+                            "another sampler")
         if s.spacing not in chain_lib.SPACINGS:
             problems.append(f"sampling.spacing={s.spacing!r} is not one of "
                             f"{list(chain_lib.SPACINGS)}")

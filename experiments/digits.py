@@ -81,16 +81,24 @@ def get_config(arg: str | None = None):
                                           # (docs/likelihood_and_fid.md)
 
     variants = set(arg.split(",")) if arg else set()
-    unknown = variants - {"smoke", *PROCESSES}
-    if unknown or len(variants & set(PROCESSES)) > 1:
-        raise ValueError(f"Unknown variant {arg!r} of experiments/digits.py; use one of "
-                         f"{sorted(PROCESSES)} and/or 'smoke', e.g. ':flow,smoke'.")
+    unknown = variants - {"smoke", *PROCESSES, *NETWORKS}
+    if unknown or len(variants & set(PROCESSES)) > 1 or len(variants & set(NETWORKS)) > 1:
+        raise ValueError(f"Unknown variant {arg!r} of experiments/digits.py; use at most one "
+                         f"of {sorted(PROCESSES)}, at most one of {sorted(NETWORKS)} and/or "
+                         f"'smoke', e.g. ':flow,smoke' or ':dit,edm'.")
+    for name in variants & set(NETWORKS):
+        NETWORKS[name](config)
     for name in variants & set(PROCESSES):
         PROCESSES[name](config)
 
     if "smoke" in variants:
-        config.model.ch = 8
-        config.model.num_res_blocks = 1
+        if config.model.name == "unet":
+            config.model.ch = 8
+            config.model.num_res_blocks = 1
+        else:   # a transformer: one block (U-ViT: its middle one) of width 16
+            config.model.hidden_size = 16
+            config.model.depth = 1
+            config.model.num_heads = 2
         config.training.batch_size = 16
         config.training.n_iters = 4
         config.training.snapshot_freq = 2
@@ -164,5 +172,20 @@ def _cd(config):
     config.training.teacher_workdir = "runs/digits"
 
 
+def _dit(config):
+    """A DiT (Peebles & Xie 2023) of about the default U-Net's size (0.72M parameters, the U-Net
+    0.70M): 2x2 patches (16 tokens), 4 adaLN-Zero blocks of width 96, 4 heads; the default run's
+    optimiser, lr, warmup and batch."""
+    default.use_network(config, "dit", patch_size=2, hidden_size=96, depth=4, num_heads=4)
+
+
+def _uvit(config):
+    """A U-ViT (Bao et al. 2023) of about the default U-Net's size (0.84M parameters): 2x2
+    patches plus the time token, 7 blocks (3 in, middle, 3 out with long skips) of width 96,
+    4 heads."""
+    default.use_network(config, "uvit", patch_size=2, hidden_size=96, depth=7, num_heads=4)
+
+
+NETWORKS = {"dit": _dit, "uvit": _uvit}
 PROCESSES = {"flow": _flow, "v": _v, "edm": _edm, "ddpm": _ddpm, "hybrid": _hybrid, "vlb": _vlb,
              "ct": _ct, "cd": _cd}

@@ -68,9 +68,12 @@ def get_config(arg: str | None = None):
 
 def smoke(config):
     """Shrinks a CIFAR-10 config to run end to end on a CPU in seconds (used by the tests)."""
-    config.model["ch" if config.model.name == "unet" else "nf"] = 16   # the network's width
-    config.model.num_res_blocks = 1
-    config.model.ch_mult = (1, 2)
+    if config.model.name in ("dit", "uvit"):    # one block (U-ViT: its middle one) of width 16
+        config.model.update(hidden_size=16, depth=1, num_heads=2, patch_size=4)
+    else:
+        config.model["ch" if config.model.name == "unet" else "nf"] = 16   # the network's width
+        config.model.num_res_blocks = 1
+        config.model.ch_mult = (1, 2)
     config.training.batch_size = 8
     config.training.n_iters = 2
     config.training.snapshot_freq = 2

@@ -46,6 +46,9 @@ BAD_CONFIGS = [
                                      r"parameterization and loss"),
     (digits, "model.parameterization", "velocity", r"Unknown parameterization 'velocity'"),
     (digits, "sde.T", 0.9, r"unknown key sde\.T; SDE 'vpsde' takes"),
+    (digits, "sampling.method", "ddpm", r"sampling\.method='ddpm' samples a discrete-time "
+                                        r"model's chain \(training\.continuous=False"),
+    (digits, "model.patch_size", 2, r"unknown key model\.patch_size; network 'unet'"),
     (digits, "training.n_iters", 1001, None),   # with n_jitted_steps = 5, below
     (digits, "training.likelihood_weighting", True, None),   # with continuous = False, below
 ]
@@ -119,8 +122,8 @@ def test_digits_variants_choose_process_parameterization_and_loss(variant, sde, 
     assert network(base) == network(other)      # the same network, steps and optimiser
     assert base.training.n_iters == other.training.n_iters and base.optim == other.optim
     with pytest.raises(ValueError,
-                       match="use one of \\['cd', 'ct', 'ddpm', 'edm', 'flow', 'hybrid', 'v', "
-                             "'vlb'\\]"):
+                       match="at most one of \\['cd', 'ct', 'ddpm', 'edm', 'flow', 'hybrid', "
+                             "'v', 'vlb'\\]"):
         digits.get_config(f"{variant},edm" if variant != "edm" else "edm,v")
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from diffusion import data as data_lib
 from diffusion import evaluate as evaluate_lib
+from diffusion import experiment as experiment_lib
 from diffusion import train
 from tests.helpers import data_context
 
@@ -22,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # and evaluated on tfds images run with -m slow (a minute each on 2 cores). The others repeat
 # those loops with another SDE / loss / network preset (their pieces are tested on their own) and
 # run with -m slow.
-EXPERIMENTS = [("digits", False), ("toy_2d", False),
+EXPERIMENTS = [("digits", False), ("toy_2d", False), ("digits:dit", False),
                pytest.param("vp_cifar", False, marks=pytest.mark.slow),
                # FID / KID of the digits smoke run (the Inception network at 299 x 299 compiles
                # for a minute on 2 cores): with the slow set, as are the 2-process FID test and
@@ -31,7 +32,8 @@ EXPERIMENTS = [("digits", False), ("toy_2d", False),
                *(pytest.param(name, False, marks=pytest.mark.slow)
                  for name in ("ddpm_cifar", "iddpm_cifar", "ict_cifar", "ve_cifar", "subvp_cifar",
                               "edm_cifar", "digits:flow", "digits:v", "digits:edm",
-                              "digits:hybrid", "digits:ct"))]
+                              "digits:hybrid", "digits:ct", "dit_cifar", "uvit_cifar",
+                              "digits:uvit"))]
 # Higher resolutions: their smoke variants are only trained (and checkpointed), to save time.
 TRAIN_ONLY = ["vp_celeba64", "ve_celebahq256"]
 
@@ -65,7 +67,8 @@ def test_smoke_variant_trains_samples_and_evaluates(name, fid, smoke_run, reques
         path = train.sample(config, workdir)
         record = train.evaluate(config, workdir)
 
-    assert path == os.path.join(workdir, "samples", f"step_{config.training.n_iters}.npz")
+    tag = experiment_lib.sampling_settings(config.sampling).guide.tag   # dit_cifar: "cfg_w0.5_"
+    assert path == os.path.join(workdir, "samples", f"{tag}step_{config.training.n_iters}.npz")
     samples = np.load(path)["samples"]
     data_shape = ((config.data.image_size, config.data.image_size, config.data.num_channels)
                   if config.data.image_size else (2,))
@@ -88,7 +91,8 @@ def test_smoke_variant_trains_samples_and_evaluates(name, fid, smoke_run, reques
         assert likelihood_key not in record
     if likelihood_key in record:   # an untrained model is far from the data, but not absurd
         assert 0.0 < record.get("bpd", 1.0) < 100.0
-    if not config.training.continuous:   # discrete models: DDPM's bound, on all N levels
+    if not config.training.continuous and config.model.num_classes is None:
+        # discrete unconditional models: DDPM's bound, on all N levels
         # (an untrained model's KL terms against the small posterior variances are large: 741
         # bits/dim for iddpm_cifar:smoke's 10-level cosine chain, 24 for digits:hybrid,smoke)
         assert np.isfinite(record["vlb_bpd"])

@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 
 from .classifier import NoiseConditionalClassifier as NoiseConditionalClassifier
+from .dit import DiT as DiT
 from .layers import AttnBlock as AttnBlock
 from .layers import Downsample as Downsample
 from .layers import GaussianFourierProjection as GaussianFourierProjection
@@ -32,12 +33,15 @@ from .parameterization import ScoreModel as ScoreModel
 from .parameterization import make_score_model as make_score_model
 from .parameterization import score_fn_from_model as score_fn_from_model
 from .unet import UNet as UNet
+from .uvit import UViT as UViT
 
 MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "unet": UNet,
     "ncsnpp": NCSNpp,
     "ddpmpp": NCSNpp,
+    "dit": DiT,
+    "uvit": UViT,
 }
 # Networks that are not score networks: the noise-conditional classifier of classifier guidance.
 CLASSIFIERS: dict[str, type[nn.Module]] = {"classifier": NoiseConditionalClassifier}
