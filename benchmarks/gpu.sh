@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# GPU benchmarks in one run, under 8 minutes on one GPU (issue 16, part 3):
-#   1. train step of DDPM (ddpm_cifar), DDPM++ cont. (vp_cifar) and NCSN++ cont. (ve_cifar) at
-#      paper width, batch 128, bfloat16 and float32: step time, FLOPs, MFU, XLA's memory plan and
-#      the device's peak memory (one process per row);
+# GPU benchmarks in one run, under 9 minutes on one GPU (issue 16, part 3):
+#   1. train step of DDPM++ cont. (vp_cifar), DiT-B/2 (dit_cifar:B: class-conditional, learned
+#      variance, hybrid loss), NCSN++ cont. (ve_cifar) and DDPM (ddpm_cifar) at paper width on
+#      CIFAR-10's 32x32x3, batch 128, bfloat16 and float32: step time, FLOPs, MFU, XLA's memory
+#      plan and the device's peak memory (one process per row);
 #   2. sampling throughput at 32x32 of DDPM++ / NCSN++: DPM-Solver++ 20 steps, EDM Heun 35 NFE,
 #      PC 1000 steps (one process per network, so its peak memory is that network's);
 #   3. wall time of a 50k-sample FID evaluation (DDPM++, DPM-Solver++ 20 steps, float32 as users
 #      sample): sampling + Inception + FID / KID.
 #
 #   bash benchmarks/gpu.sh                # on a GPU machine; tables on stdout and in $OUT
-#   bash benchmarks/gpu.sh --cpu-smoke    # every step at tiny sizes on a CPU (about 5 minutes
+#   bash benchmarks/gpu.sh --cpu-smoke    # every step at tiny sizes on a CPU (about 6-7 minutes
 #                                         # on 2 cores): checks the script, measures nothing
 #
 # Needs this repository installed with a CUDA jax (pip install -e ".[dev]" "jax[cuda12]") and, for
@@ -17,9 +18,11 @@
 # it needs a pip download). Without that file the FID step times random weights of the same shapes,
 # which cost the same.
 #
-# Time budget (BUDGET_S, default 470 s from the start; each step gets at most its cap and what is
-# left, and is cut with a message if it runs over; rows already printed stay):
-#   train 200 s (6 rows, in order of interest: DDPM++ first), sampling 85 + 75 s, FID the rest.
+# Time budget (BUDGET_S, default 530 s from the start, under the runner's 600 s per command; each
+# step gets at most its cap and what is left, and is cut with a message if it runs over; rows
+# already printed stay):
+#   train 260 s (8 rows, in order of interest: DDPM++, DiT-B/2, NCSN++, DDPM), sampling 85 + 75 s,
+#   FID the rest.
 # FLOP estimate for step 3 (XLA's count; see benchmarks/README.md): DDPM++ forward 20.3 GFLOP per
 # image x 21 NFE (20 steps + the final denoising step) x 50,000 = 21.3 PFLOP of sampling, plus
 # 50,000 x 11 GFLOP = 0.55 PFLOP of Inception. On an H100 (495 TFLOP/s dense TF32 peak) at a
@@ -39,7 +42,7 @@ for arg in "$@"; do
 done
 PY=${PYTHON:-python}
 FID_ONLY=${FID_ONLY:-0}
-if [ "$FID_ONLY" = 1 ]; then BUDGET_S=${BUDGET_S:-1800}; else BUDGET_S=${BUDGET_S:-470}; fi
+if [ "$FID_ONLY" = 1 ]; then BUDGET_S=${BUDGET_S:-1800}; else BUDGET_S=${BUDGET_S:-530}; fi
 START=$(date +%s)
 REPORT=${OUT:+$OUT/gpu_benchmarks.md}
 if [ -n "${REPORT}" ]; then mkdir -p "$OUT" && : > "$REPORT"; fi
@@ -107,19 +110,21 @@ if [ ! -f "${HOME}/.cache/diffusion/inception-2015-12-05.npz" ]; then
 fi
 
 if [ "$SMOKE" = 1 ]; then
-  # Every step and code path at tiny sizes: one network for the train step (the others go
-  # through the same code), both networks' samplers (VE adds the Langevin corrector).
-  TRAIN=(--networks ddpm --width 8 --dtypes bfloat16,float32 --steps 2 --warmup 1)
+  # Every step and code path at tiny sizes: a U-Net and DiT-B/2 for the train step (the other
+  # U-Nets go through the same code; the DiT adds labels and the hybrid loss), both networks'
+  # samplers (VE adds the Langevin corrector). Batch 16: DiT-B/2 at width 8 (48 wide, still 12
+  # heads over 256 tokens) and batch 128 takes ~30 s a step on 2 cores and 16 GiB of host memory.
+  TRAIN=(--networks ddpm,dit_b2 --width 8 --batch 16 --dtypes bfloat16,float32 --steps 2 --warmup 1)
   SAMPLE=(--width 16 --batch 2 --pc_steps 3 --repeats 2 --fid_samples 0)
   FID=(--width 16 --batch 2 --fid_samples 4 --inception_batch 4)
 else
-  TRAIN=(--networks ddpmpp,ncsnpp,ddpm --width 0 --dtypes bfloat16,float32 --steps 10 --warmup 2)
+  TRAIN=(--networks ddpmpp,dit_b2,ncsnpp,ddpm --width 0 --dtypes bfloat16,float32 --steps 10 --warmup 2)
   SAMPLE=(--width 0 --batch 128 --repeats 3 --case_seconds 10 --fid_samples 0)
   FID=(--width 0 --batch 128 --fid_samples 50000)
 fi
 
 if [ "$FID_ONLY" != 1 ]; then
-  run_step "Train step of the paper networks" 200 \
+  run_step "Train step of the paper networks" 260 \
     $PY benchmarks/train_throughput.py "${TRAIN[@]}" --fresh_process
   run_step "Sampling throughput: DDPM++ cont." 85 \
     $PY benchmarks/sample_throughput.py --networks ddpmpp "${SAMPLE[@]}"

@@ -4,6 +4,7 @@ step time / FLOPs / MFU / memory, and the input pipeline.
     python benchmarks/train_throughput.py                       # the embedded default (digits)
     python benchmarks/train_throughput.py --config experiments/toy_2d.py --steps 2000
     python benchmarks/train_throughput.py --networks ddpm,ddpmpp,ncsnpp      # batch 128
+    python benchmarks/train_throughput.py --networks dit_b2,uvit_s2 --width 32 --steps 2
     python benchmarks/train_throughput.py --networks ddpmpp --width 0 --compile_only \
         --remat both --dtypes float32,bfloat16          # full size: FLOPs and memory, no step
     python benchmarks/train_throughput.py --pipeline --workers 0,2,4
@@ -13,19 +14,27 @@ step time / FLOPs / MFU / memory, and the input pipeline.
 
 --networks compiles one train step (loss, gradient, Adam, EMA) of DDPM (experiments/ddpm_cifar),
 DDPM++ cont. (vp_cifar) and NCSN++ cont. (ve_cifar), optionally deep, at batch 128 on 32x32x3
-inputs (or NCSN++ on 256x256x3, ve_celebahq256, as `ncsnpp_256`), and prints parameters,
-compile time, step time, images/s, model FLOPs per step (3x the forward pass, as XLA counts
-it), TFLOP/s, MFU against the chip's dense peak (PEAK_TFLOPS; --peak_tflops otherwise, or on a
-CPU a measured matmul) and XLA's memory estimate of the compiled step. On a CPU the width
-defaults to 32 (a paper-size step takes minutes there); --width 0 --compile_only still gives
-the full-size FLOPs and memory. On a GPU / TPU the table adds the device's own peak memory
-(`memory_stats()["peak_bytes_in_use"]`; --fresh_process runs each row in its own process, as
-that peak never resets). --memory prints the peak host memory (ru_maxrss) of the embedded
-default run and of the CIFAR smoke config, each in a fresh process. --pipeline times the tfds
-input pipeline (tfds.data_source, PNG decoding, batches in worker processes) on a locally built
-CIFAR-shaped dataset. --unroll_compile prints the seconds to compile one train-step call of
---config with its n_jitted_steps loop unrolled and as `lax.scan` (training.unroll), for
-n_jitted_steps 1, 5 and 10.
+inputs (or NCSN++ on 256x256x3, ve_celebahq256, as `ncsnpp_256`), and of the transformers
+DiT-B/2 (`dit_b2`: dit_cifar:B, class-conditional with 10 classes, learned variance, the
+discrete hybrid loss; the batch carries random labels) and U-ViT-S/2 (`uvit_s2`: uvit_cifar),
+and prints parameters, compile time, step time, images/s, model FLOPs per step (3x the forward
+pass, as XLA counts it), TFLOP/s, MFU against the chip's dense peak (PEAK_TFLOPS; --peak_tflops
+otherwise, or on a CPU a measured matmul) and XLA's memory estimate of the compiled step. On a
+CPU the width defaults to 32 (a paper-size step takes minutes there); --width 0 --compile_only
+still gives the full-size FLOPs and memory. --width sets the base channels of the U-Nets
+(model.ch / nf) and, for the transformers, the token width model.hidden_size = 4 x num_heads x
+max(1, width // 32) (head dimension 4 per 32 of width; depth, heads and patch size stay: DiT-B/2
+at --width 32 is 48 wide, U-ViT-S/2 32; the paper's 768 and 512 are --width 512 or 0). A
+narrow transformer keeps its 256 tokens and all its heads, so its attention (B x heads x 256^2
+scores per block) dominates a CPU step: DiT-B/2 at width 48 and batch 128 takes about 30 s per
+step on 2 cores and XLA plans 16 GiB for it (pass a smaller --batch there). On a GPU / TPU the
+table adds the device's own peak memory (`memory_stats()["peak_bytes_in_use"]`; --fresh_process
+runs each row in its own process, as that peak never resets). --memory prints the peak host
+memory (ru_maxrss) of the embedded default run and of the CIFAR smoke config, each in a fresh
+process. --pipeline times the tfds input pipeline (tfds.data_source, PNG decoding, batches in
+worker processes) on a locally built CIFAR-shaped dataset. --unroll_compile prints the seconds
+to compile one train-step call of --config with its n_jitted_steps loop unrolled and as
+`lax.scan` (training.unroll), for n_jitted_steps 1, 5 and 10.
 
 The default mode compares, for one experiment config:
 "full pipeline" is `train.train_and_evaluate` as a user runs it: the data pipeline (host batches,
@@ -207,6 +216,8 @@ NETWORKS = {
     "ncsnpp": ("ve_cifar", None),
     "ncsnpp_deep": ("ve_cifar", "deep"),
     "ncsnpp_256": ("ve_celebahq256", None),     # 256x256x3; the paper's batch there is 64
+    "dit_b2": ("dit_cifar", "B"),               # class-conditional, learned variance (hybrid)
+    "uvit_s2": ("uvit_cifar", None),
 }
 
 # Dense peak TFLOP/s per chip: (bfloat16, float32 as XLA runs it by default: TF32 on NVIDIA
@@ -244,12 +255,26 @@ def peak_tflops(device, dtype: str, override: float | None) -> tuple[float, str]
     return matmul_tflops(dtype), "measured 2048^2 matmul"
 
 
+TRANSFORMERS = ("dit", "uvit")      # model.name of the transformer backbones
+
+
+def network_width(config) -> int:
+    """The network's width: base channels (ch / nf), or the token width of a transformer."""
+    if config.model.name in TRANSFORMERS:
+        return config.model.hidden_size
+    return config.model["ch" if config.model.name == "unet" else "nf"]
+
+
 def network_config(root: str, name: str, width: int, batch: int, dtype: str, remat: bool,
                    n_jit: int):
     module, variant = NETWORKS[name]
     config = load_config(os.path.join(root, "experiments", f"{module}.py")
                          + (f":{variant}" if variant else ""))
-    if width:
+    if width and config.model.name in TRANSFORMERS:
+        # Head dimension 4 per 32 of width: divisible by num_heads and by 4 (the 2-D sin-cos
+        # position code); depth and patch size stay.
+        config.model.hidden_size = 4 * config.model.num_heads * max(1, width // 32)
+    elif width:
         config.model["ch" if config.model.name == "unet" else "nf"] = width
     config.training.batch_size = batch
     config.training.compute_dtype = dtype
@@ -275,13 +300,16 @@ def measure_network(config, steps: int, warmup: int, compile_only: bool) -> dict
     mesh = train.data_mesh()
     n_jit, batch = config.training.n_jitted_steps, config.training.batch_size
     abstract = train_state.abstract_train_state(exp, mesh)
-    x_spec = jax.ShapeDtypeStruct((n_jit, batch, *exp.dataset.data_shape), np.float32,
-                                  sharding=NamedSharding(mesh, P(None, train.DATA_AXIS)))
+    sharding = NamedSharding(mesh, P(None, train.DATA_AXIS))
+    batch_spec = {"x": jax.ShapeDtypeStruct((n_jit, batch, *exp.dataset.data_shape), np.float32,
+                                            sharding=sharding)}
+    if exp.conditional:          # class-conditional (DiT): the batch carries int32 labels
+        batch_spec["label"] = jax.ShapeDtypeStruct((n_jit, batch), np.int32, sharding=sharding)
     key = jax.random.key(0)
     step_fn = train.make_train_step(exp.loss_fn, exp.tx, config.model.ema_rate, mesh,
                                       config.model.ema_warmup)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(abstract, {"x": x_spec}, key).compile()
+    compiled = step_fn.lower(abstract, batch_spec, key).compile()
     compile_s = time.perf_counter() - t0
     compile_peak = peak_device_bytes()     # compiling (GPU autotuning) allocates scratch too
     memory = compiled.memory_analysis()
@@ -290,7 +318,9 @@ def measure_network(config, steps: int, warmup: int, compile_only: bool) -> dict
 
     x = jax.ShapeDtypeStruct((batch, *exp.dataset.data_shape), np.float32)
     t = jax.ShapeDtypeStruct((batch,), np.float32)
-    forward = jax.jit(lambda p, x, t: exp.score_model(p, x, t)).lower(abstract.params, x, t)
+    y = jax.ShapeDtypeStruct((batch,), np.int32) if exp.conditional else None
+    forward = jax.jit(lambda p, x, t, y: exp.score_model(p, x, t, y=y)).lower(
+        abstract.params, x, t, y)
     cost = forward.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     row = dict(params=train.count_params(abstract.params), compile_s=compile_s,
@@ -299,8 +329,11 @@ def measure_network(config, steps: int, warmup: int, compile_only: bool) -> dict
     if compile_only:
         return row
     state = train.init_train_state(exp, mesh)
-    data = train.put_batch({"x": np.random.default_rng(0).standard_normal(
-        (n_jit, batch, *exp.dataset.data_shape)).astype(np.float32)}, mesh)
+    rng = np.random.default_rng(0)
+    host = {"x": rng.standard_normal((n_jit, batch, *exp.dataset.data_shape)).astype(np.float32)}
+    if exp.conditional:
+        host["label"] = rng.integers(0, exp.num_classes, (n_jit, batch)).astype(np.int32)
+    data = train.put_batch(host, mesh)
     for _ in range(max(1, warmup // n_jit)):
         state, metrics = compiled(state, data, key)
     jax.block_until_ready(metrics)
@@ -346,7 +379,7 @@ def network_case(root: str, args, name: str, dtype: str, remat: bool) -> dict:
     r = measure_network(config, args.steps, args.warmup, args.compile_only)
     peak, source = peak_tflops(device, dtype, args.peak_tflops)
     return dict(r, name=name, dtype=dtype, remat=remat, width_arg=width,
-                width=width or config.model.get("nf", config.model.get("ch")),
+                width=network_width(config),
                 peak_tflops=peak, peak_source=source, platform=device.platform,
                 device_kind=device.device_kind, device_count=jax.device_count())
 
@@ -371,7 +404,8 @@ def network_table(root: str, args) -> None:
                     continue
                 if first:
                     print(f"\nTrain step of the paper networks (32x32x3 CIFAR-10 shapes, 256x256x3 "
-                          f"for ncsnpp_256), batch {args.batch}, {r['device_count']} x "
+                          f"for ncsnpp_256; width = base channels, or the token width of "
+                          f"dit_b2 / uvit_s2), batch {args.batch}, {r['device_count']} x "
                           f"{r['platform']} ({r['device_kind']}), {os.cpu_count()} CPU cores; "
                           f"width {r['width_arg'] or 'as in the paper'}; median of {args.steps} "
                           f"timed steps after {args.warmup} warm-up; n_jitted_steps "
@@ -495,8 +529,9 @@ def main():
     parser.add_argument("--networks", default="",
                         help=f"comma-separated paper networks to time instead: {list(NETWORKS)}")
     parser.add_argument("--width", type=int, default=-1,
-                        help="--networks: base channels (0: the paper's; default 0 on GPU/TPU, "
-                             "32 on CPU)")
+                        help="--networks: base channels; transformers: hidden_size = 4 x "
+                             "num_heads x max(1, width // 32) (0: the paper's; default 0 on "
+                             "GPU/TPU, 32 on CPU)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--dtypes", default="float32",
                         help="--networks: compute dtypes, e.g. float32,bfloat16")

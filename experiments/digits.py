@@ -37,6 +37,11 @@ Few-step generation (docs/consistency.md): :cd distils the default run (train it
 runs/digits, or set --config.training.teacher_workdir) into a consistency model sampled in 2
 steps (Song et al. 2023); :ct trains one by iCT's consistency training (Song & Dhariwal 2023),
 and with --config.training.init_workdir=runs/digits starts from the default run's weights (ECT).
+Networks (docs/transformers.md): :dit swaps the U-Net for a DiT (Peebles & Xie 2023; 2x2
+patches, 4 adaLN-Zero blocks of width 96, 0.72M parameters), :uvit for a U-ViT (Bao et al.
+2023; 7 blocks of width 96 with long skips, 0.84M); each combines with a process variant
+(:dit,edm). Measured after 1,200 steps (2,000 DPM-Solver++ samples): FID 15.8 (DiT) and 26.9
+(U-ViT) against the U-Net's 7.1.
 Variants combine with a comma: --config experiments/digits.py:flow,smoke.
 
 Smoke variant (seconds on a CPU, used by the tests): --config experiments/digits.py:smoke

@@ -352,8 +352,8 @@ def test_get_model_passes_only_fields_and_tuples():
 
 def test_get_model_unknown_name():
     with pytest.raises(ValueError, match=r"Unknown model 'resnet': config.model.name must be one "
-                                         r"of \['classifier', 'ddpmpp', 'mlp', 'ncsnpp', "
-                                         r"'unet'\]"):
+                                         r"of \['classifier', 'ddpmpp', 'dit', 'mlp', "
+                                         r"'ncsnpp', 'unet', 'uvit'\]"):
         models.get_model(_config(name="resnet"))
 
 
@@ -398,6 +398,8 @@ def test_every_network_builds_from_an_experiment_config_and_fits_its_data(name):
     out = jax.eval_shape(lambda: net.apply(net.init(jax.random.key(0), x, t, y=y, train=False),
                                            x, t, y=y, train=False))
     want = (2, config.model.num_classes) if name in models.CLASSIFIERS else shape
+    if config.model.get("learn_variance"):     # dit_cifar: the variance's C channels too
+        want = (*shape[:-1], 2 * shape[-1])
     assert out.shape == want and out.dtype == jnp.float32, (out, want)
 
 
