@@ -37,7 +37,8 @@ BAD_VALUES = [
     ("sde.name", "vpp", r"Unknown SDE 'vpp': config\.sde\.name must be one of \['cosine_vpsde', "
                         r"'rectified_flow', 'subvpsde', 'vesde', 'vpsde'\]"),
     ("model.name", "resnet", r"Unknown model 'resnet': config\.model\.name must be one of "
-                             r"\['classifier', 'ddpmpp', 'mlp', 'ncsnpp', 'unet'\]"),
+                             r"\['classifier', 'ddpmpp', 'dit', 'mlp', 'ncsnpp', 'unet', "
+                             r"'uvit'\]"),
     ("sampling.method", "magic", r"Unknown sampler 'magic': config\.sampling\.method must be "
                                  r"one of \['consistency', 'ddim', 'ddpm', 'dpm_solver', 'edm', "
                                  r"'ode', 'pc'\]"),
