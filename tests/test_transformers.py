@@ -43,7 +43,16 @@ def dit_count(d, depth, p, c, classes, learn_sigma, mlp_ratio=4.0, freqs=256):
 DIT_PAPER_MILLIONS = {"S": 33, "B": 130, "L": 458, "XL": 675}
 
 
-@pytest.mark.parametrize("name", sorted(dit.PRESETS))
+# The largest and the smallest by default; every preset with -m slow.
+DEFAULT_PRESETS = ("DiT-XL/2", "DiT-S/8", "U-ViT-S/2", "U-ViT-H/2")
+
+
+def _presets(names):
+    return [n if n in DEFAULT_PRESETS else pytest.param(n, marks=pytest.mark.slow)
+            for n in sorted(names)]
+
+
+@pytest.mark.parametrize("name", _presets(dit.PRESETS))
 def test_dit_presets_have_the_papers_parameter_counts(name):
     cfg = dit.PRESETS[name]
     net = dit.DiT(**cfg, num_classes=1000, learn_sigma=True)
@@ -76,7 +85,7 @@ UVIT_USES = {"U-ViT-S/2": (32, 3, None, 44), "U-ViT-S/4": (64, 3, None, 44),
              "U-ViT-L/4": (64, 3, 1000, 287), "U-ViT-H/2": (32, 4, 1000, 501)}
 
 
-@pytest.mark.parametrize("name", sorted(uvit.PRESETS))
+@pytest.mark.parametrize("name", _presets(uvit.PRESETS))
 def test_uvit_presets_have_the_papers_parameter_counts(name):
     cfg = uvit.PRESETS[name]
     side, c, classes, millions = UVIT_USES[name]
@@ -89,7 +98,8 @@ def test_uvit_presets_have_the_papers_parameter_counts(name):
     assert round(count / 1e6) == millions, count
 
 
-@pytest.mark.parametrize("learn_sigma, classes", [(False, None), (False, 0), (True, 10)])
+@pytest.mark.parametrize("learn_sigma, classes", [
+    (False, None), pytest.param(False, 0, marks=pytest.mark.slow), (True, 10)])
 def test_dit_output_is_exactly_zero_at_initialisation(learn_sigma, classes):
     net = dit.DiT(patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=classes,
                   learn_sigma=learn_sigma)
@@ -161,7 +171,7 @@ def test_timestep_embedding_is_dits_cos_sin_formula():
     np.testing.assert_array_equal(transformer.timestep_embedding(t, 7)[:, -1], 0.0)
 
 
-@pytest.mark.parametrize("cls", [dit.DiT, uvit.UViT])
+@pytest.mark.parametrize("cls", [dit.DiT, pytest.param(uvit.UViT, marks=pytest.mark.slow)])
 def test_label_dropout_uses_the_null_row(cls):
     """Labels dropped by the training loss (`losses.with_label_dropout`) become the null label
     num_classes, the last row of the label table, which is also what y=None means."""
@@ -263,10 +273,10 @@ def test_bad_shapes_get_one_clear_error():
             jax.random.key(0), jnp.zeros((2, 64)), jnp.ones(2))
 
 
-# The discrete chain with a learned variance by default (the most distinct path: 2C outputs, the
-# level index as conditioning); the others with -m slow (each compiles its loss: ~5 s).
-@pytest.mark.parametrize("process", ["hybrid", *(pytest.param(p, marks=pytest.mark.slow)
-                                                  for p in ("flow", "v", "edm", "ct"))])
+# With -m slow (each compiles its loss: ~5 s); the default suite runs the DiT end to end on the
+# VP SDE (test_experiments.py, digits:dit).
+@pytest.mark.slow
+@pytest.mark.parametrize("process", ["hybrid", "flow", "v", "edm", "ct"])
 def test_dit_trains_under_every_process_and_parameterisation(process):
     """The DiT is a network like the U-Net: each digits variant (rectified flow with v, VP with
     v, EDM, the discrete chain with a learned variance, consistency training) builds with it and
