@@ -53,6 +53,25 @@ SAMPLERS = ("ddim", "dpm_solver", "edm")
 STEPS = (10, 20, 50)
 
 
+def eval_config(variant: str | None, runs: str, batch_size: int = 250):
+    """experiments/digits.py:<variant> set up for measuring: the FID reference statistics shared
+    under <runs>/fid_stats, bits/dim over all 300 eval digits, large sampling batches."""
+    config = digits.get_config(variant)
+    config.eval.fid_stats_dir = os.path.join(runs, "fid_stats")
+    config.eval.bpd_num_batches = 0
+    config.sampling.batch_size = batch_size
+    return config
+
+
+def progress_records(workdir: str) -> list[dict]:
+    """The training progress records (those with a loss) of a run's train.jsonl; [] if none."""
+    path = os.path.join(workdir, "train.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
 def _settings(config, method: str, steps: int = 0, **overrides):
     """The config's sampling settings with another sampler (and step count)."""
     s = config.sampling.copy_and_resolve_references()
@@ -110,10 +129,7 @@ def measure(args, names, path: str) -> None:
     for name in names:
         label, variant = MODELS[name]
         workdir = os.path.join(args.runs, name)
-        config = digits.get_config(variant)
-        config.eval.fid_stats_dir = os.path.join(args.runs, "fid_stats")   # shared reference
-        config.eval.bpd_num_batches = 0                                     # all 300 eval digits
-        config.sampling.batch_size = 256
+        config = eval_config(variant, args.runs, batch_size=256)
         exp = experiment.build(config)
         params = restore_latest(exp, workdir, mesh).ema_params
         if (name, "solver", None) not in done:

@@ -23,7 +23,6 @@ speed in images/s (a second, compiled draw of the FID's sample count). Records a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,7 +30,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare_digits import _draw, _load, _record, _settings, fid, run_rows  # noqa: E402
+from compare_digits import (  # noqa: E402
+    _draw,
+    _load,
+    _record,
+    _settings,
+    fid,
+    progress_records,
+    run_rows,
+)
 
 from diffusion import evaluate, experiment  # noqa: E402
 from diffusion.parallel import data_mesh  # noqa: E402
@@ -61,11 +68,7 @@ DEFAULT_ROWS = [row for row in ROWS if not row.startswith("cd_mu0")]
 
 def training_seconds(workdir: str) -> float | None:
     """Time per step x steps, from the run's train.jsonl progress records."""
-    path = os.path.join(workdir, "train.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        records = [r for r in map(json.loads, f) if "loss" in r]
+    records = progress_records(workdir)
     if len(records) < 2:
         return None
     first, last = records[0], records[-1]

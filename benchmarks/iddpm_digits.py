@@ -35,12 +35,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare_digits import _load, _record, _settings, fid, run_rows  # noqa: E402
+from compare_digits import _load, _record, _settings, eval_config, fid, run_rows  # noqa: E402
 
 from diffusion import evaluate, experiment  # noqa: E402
 from diffusion.parallel import data_mesh  # noqa: E402
 from diffusion.train_state import restore_latest  # noqa: E402
-from experiments import digits  # noqa: E402
 
 # row -> (label, run / config variant, Sigma of the DDPM sampler: None = the learned one)
 ROWS = {"beta": ("L_simple, Sigma = beta", "ddpm", "beta"),
@@ -57,10 +56,7 @@ def measure(args, rows, path: str) -> None:
     for row in rows:
         _, run, variance = ROWS[row]
         workdir = os.path.join(args.runs, run)
-        config = digits.get_config(run)
-        config.eval.fid_stats_dir = os.path.join(args.runs, "fid_stats")   # shared reference
-        config.eval.bpd_num_batches = 0                                     # all 300 eval digits
-        config.sampling.batch_size = 250
+        config = eval_config(run, args.runs)
         config.sampling.variance = variance or "beta"
         exp = experiment.build(config)
         params = restore_latest(exp, workdir, mesh).ema_params

@@ -26,7 +26,6 @@ Records are appended to <runs>/transformers_digits.jsonl; what it holds is not m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,15 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare_digits import _load, _record, _settings, fid, run_rows  # noqa: E402
+from compare_digits import (  # noqa: E402
+    _load,
+    _record,
+    _settings,
+    eval_config,
+    fid,
+    progress_records,
+    run_rows,
+)
 from train_throughput import _jitted_step  # noqa: E402
 
 from diffusion import evaluate, experiment, train  # noqa: E402
@@ -78,11 +85,7 @@ def step_rates(rows, steps: int, rounds: int) -> dict[str, float]:
 
 
 def final_loss(workdir: str) -> float | None:
-    path = os.path.join(workdir, "train.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        records = [r for r in map(json.loads, f) if "loss" in r]
+    records = progress_records(workdir)
     return records[-1]["loss"] if records else None
 
 
@@ -98,10 +101,7 @@ def measure(args, rows, path: str) -> None:
     for row in rows:
         _, run, variant = ROWS[row]
         workdir = os.path.join(args.runs, run)
-        config = digits.get_config(variant)
-        config.eval.fid_stats_dir = os.path.join(args.runs, "fid_stats")   # shared reference
-        config.eval.bpd_num_batches = 0                                     # all 300 eval digits
-        config.sampling.batch_size = 250
+        config = eval_config(variant, args.runs)
         exp = experiment.build(config)
         state = restore_latest(exp, workdir, mesh)
         if (row, "params") not in done:
