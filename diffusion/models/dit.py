@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion.models.layers import rematerialized
+from diffusion.models.layers import label_embedding, rematerialized
 from diffusion.models.transformer import (
     Attention,
     Mlp,
@@ -133,9 +133,8 @@ class DiT(nn.Module):
         temb = nn.Dense(d, kernel_init=normal, name="t_embedder_mlp_0")(temb)
         c = nn.Dense(d, kernel_init=normal, name="t_embedder_mlp_2")(nn.silu(temb))
         if self.num_classes:
-            labels = jnp.full((b,), self.num_classes, jnp.int32) if y is None else y
-            c = c + nn.Embed(self.num_classes + 1, d, embedding_init=normal,
-                             name="y_embedder")(labels).astype(x.dtype)
+            c = c + label_embedding(y, self.num_classes, d, b, std=0.02,
+                                    name="y_embedder").astype(x.dtype)
 
         block_cls = rematerialized(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):

@@ -56,12 +56,17 @@ def rematerialized(cls: type[nn.Module], static_argnums: tuple[int, ...] = ()) -
     return remat_cls
 
 
-def check_image_input(network: str, x: Array, ch_mult) -> None:
-    """One clear error unless x is (B, H, W, C) with H and W divisible by 2^(len(ch_mult) - 1),
-    the factor a U-Net with these channel multipliers downsamples by."""
+def check_image_rank(network: str, x: Array) -> None:
+    """One clear error unless x is a batch of images, (B, H, W, C)."""
     if x.ndim != 4:
         raise ValueError(f"{network} expects images shaped (B, H, W, C); got shape {x.shape}. "
                          "Use model.name='mlp' for vector data.")
+
+
+def check_image_input(network: str, x: Array, ch_mult) -> None:
+    """One clear error unless x is (B, H, W, C) with H and W divisible by 2^(len(ch_mult) - 1),
+    the factor a U-Net with these channel multipliers downsamples by."""
+    check_image_rank(network, x)
     factor = 2 ** (len(ch_mult) - 1)
     height, width = x.shape[1:3]
     if height % factor or width % factor:
@@ -151,15 +156,18 @@ def noise_embedding(kind: str, t: Array, dim: int, fourier_scale: float = 16.0) 
     raise ValueError(f"Unknown embedding {kind!r}: must be one of {list(EMBEDDINGS)}.")
 
 
-def label_embedding(y: Array | None, num_classes: int, dim: int, batch_size: int) -> Array:
-    """(B,) int labels -> (B, dim) learned embedding with num_classes + 1 rows.
+def label_embedding(y: Array | None, num_classes: int, dim: int, batch_size: int,
+                    std: float = 1.0, name: str | None = None) -> Array:
+    """(B,) int labels -> (B, dim) learned embedding with num_classes + 1 rows, initialised
+    N(0, std^2) (PyTorch's nn.Embedding: 1; DiT: 0.02), as the submodule `name` (None: Embed_k).
 
     Label `num_classes` is the "null" label of classifier-free guidance; y=None means every
     example has the null label. Call from inside a compact method.
     """
     if y is None:
         y = jnp.full((batch_size,), num_classes, jnp.int32)
-    return nn.Embed(num_classes + 1, dim, embedding_init=nn.initializers.normal(1.0))(y)
+    return nn.Embed(num_classes + 1, dim, embedding_init=nn.initializers.normal(std),
+                    name=name)(y)
 
 
 class ResnetBlock(nn.Module):

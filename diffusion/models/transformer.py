@@ -14,14 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion.models.layers import check_image_rank
+
 Array = jax.Array
 
 
 def check_patch_input(network: str, x: Array, patch_size: int) -> None:
     """One clear error unless x is (B, H, W, C) with H and W divisible by the patch size."""
-    if x.ndim != 4:
-        raise ValueError(f"{network} expects images shaped (B, H, W, C); got shape {x.shape}. "
-                         "Use model.name='mlp' for vector data.")
+    check_image_rank(network, x)
     height, width = x.shape[1:3]
     if height % patch_size or width % patch_size:
         raise ValueError(f"{network} cuts the image into {patch_size}x{patch_size} patches, so "
